@@ -1,0 +1,34 @@
+# The README names two commands: `make demo` (the main job) and `make test` (all tests).
+# Each one installs what it needs into .venv by itself.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench lint docs clean
+
+# torch first, from the CPU wheel: anything unpinned would pull a multi-GB CUDA build.
+$(STAMP): setup.py requirements/ci.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -c requirements/ci.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) training_scripts/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_generation.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src training_scripts tests benchmarks
+	$(VENV)/bin/ruff format --check src training_scripts tests benchmarks
+
+clean:
+	rm -rf $(VENV) outputs build dist src/*.egg-info
