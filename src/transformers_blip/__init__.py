@@ -1,3 +1,69 @@
-"""transformers-blip: BLIP models, pretraining, CapFilt and fine-tuning on Hugging Face transformers."""
+"""transformers-blip: BLIP models, pretraining, CapFilt and fine-tuning on Hugging Face transformers.
+
+Importing the package registers its configs and models with transformers' Auto classes, so that a saved model
+directory loads with `AutoModel...from_pretrained(path)` without `trust_remote_code`.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoModelForVisualQuestionAnswering,
+)
+
+from .configuration_blip import BlipConfig, BlipTextConfig, BlipVisionConfig
+from .modeling_blip import (
+    BlipAnswerRanking,
+    BlipCaptionOutput,
+    BlipForConditionalGeneration,
+    BlipForImageTextRetrieval,
+    BlipForQuestionAnswering,
+    BlipModel,
+    BlipOutput,
+    BlipPreTrainedModel,
+    BlipQuestionAnsweringOutput,
+    BlipRetrievalOutput,
+)
+from .modeling_med import BlipTextLMHeadModel, BlipTextModel, ImageKeyValues
+from .modeling_vision import BlipVisionModel
 
 __version__ = "0.1.0"
+
+
+def _register_with_auto_classes() -> None:
+    for config_class in (BlipConfig, BlipTextConfig, BlipVisionConfig):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(BlipConfig, BlipModel, exist_ok=True)
+    AutoModel.register(BlipVisionConfig, BlipVisionModel, exist_ok=True)
+    AutoModel.register(BlipTextConfig, BlipTextModel, exist_ok=True)
+    AutoModelForImageTextToText.register(BlipConfig, BlipForConditionalGeneration, exist_ok=True)
+    AutoModelForVisualQuestionAnswering.register(BlipConfig, BlipForQuestionAnswering, exist_ok=True)
+    # Saved directories carry an `auto_map` and our source files, for loading with trust_remote_code=True where
+    # this package is not installed.
+    BlipConfig.register_for_auto_class()
+    BlipModel.register_for_auto_class("AutoModel")
+    BlipForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+    BlipForQuestionAnswering.register_for_auto_class("AutoModelForVisualQuestionAnswering")
+
+
+_register_with_auto_classes()
+
+__all__ = [
+    "BlipAnswerRanking",
+    "BlipCaptionOutput",
+    "BlipConfig",
+    "BlipForConditionalGeneration",
+    "BlipForImageTextRetrieval",
+    "BlipForQuestionAnswering",
+    "BlipModel",
+    "BlipOutput",
+    "BlipPreTrainedModel",
+    "BlipQuestionAnsweringOutput",
+    "BlipRetrievalOutput",
+    "BlipTextConfig",
+    "BlipTextLMHeadModel",
+    "BlipTextModel",
+    "BlipVisionConfig",
+    "BlipVisionModel",
+    "ImageKeyValues",
+]

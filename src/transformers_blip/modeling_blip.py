@@ -1,0 +1,598 @@
+"""BLIP task heads: features and ITC, captioning, image-text retrieval (ITC + ITM) and question answering.
+
+Each head is built from [`BlipVisionModel`] and the MED text model ([`BlipTextModel`], [`BlipTextLMHeadModel`]);
+module names follow transformers' BLIP (`vision_model`, `text_encoder`, `text_decoder`, `vision_proj`, `text_proj`,
+`itm_head`), so checkpoints in its layout load as they are. The heads put `[ENC]` / `[DEC]` in place of the first
+token themselves: callers pass ordinary tokenized text (`[CLS] ... [SEP]`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_blip import BlipConfig
+from .modeling_med import BlipTextLMHeadModel, BlipTextModel, language_modeling_loss
+from .modeling_vision import BlipVisionModel
+
+
+def replace_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
+    """A copy of `input_ids` (B, L) whose first column is `token_id` (`[ENC]` or `[DEC]` in place of `[CLS]`)."""
+    input_ids = input_ids.clone()
+    input_ids[:, 0] = token_id
+    return input_ids
+
+
+def check_batch_sizes(pixel_values: torch.Tensor, input_ids: torch.Tensor) -> None:
+    """Paired heads need one text per image; say which counts differ instead of failing deep inside attention."""
+    if pixel_values.shape[0] != input_ids.shape[0]:
+        raise ValueError(
+            f"got {pixel_values.shape[0]} images (pixel_values) but {input_ids.shape[0]} texts (input_ids): "
+            "image-text heads take one text per image"
+        )
+
+
+def ones_mask(states: torch.Tensor) -> torch.Tensor:
+    return torch.ones(states.shape[:-1], dtype=torch.long, device=states.device)
+
+
+@dataclass
+class BlipOutput(ModelOutput):
+    """Output of [`BlipModel`].
+
+    Args:
+        logits_per_image (`torch.FloatTensor` of shape `(B_img, B_txt)`): ITC similarities divided by the temperature.
+        logits_per_text (`torch.FloatTensor` of shape `(B_txt, B_img)`): the transpose.
+        image_feat (`torch.FloatTensor` of shape `(B_img, embed_dim)`): normalised projected `[CLS]` of the image.
+        text_feat (`torch.FloatTensor` of shape `(B_txt, embed_dim)`): normalised projected `[CLS]` of the text.
+        image_embeds (`torch.FloatTensor` of shape `(B_img, 1 + N, D_v)`): the ViT's output.
+        text_embeds (`torch.FloatTensor` of shape `(B_txt, L, D_t)`): the unimodal text encoder's output.
+    """
+
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    image_feat: torch.FloatTensor | None = None
+    text_feat: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+
+
+@dataclass
+class BlipCaptionOutput(ModelOutput):
+    """Output of [`BlipForConditionalGeneration`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): label-smoothed LM loss over the caption tokens.
+        logits (`torch.FloatTensor` of shape `(B, L, V)`): next-token logits of the decoder.
+        image_embeds (`torch.FloatTensor` of shape `(B, 1 + N, D_v)`): the ViT's output.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+
+
+@dataclass
+class BlipRetrievalOutput(ModelOutput):
+    """Output of [`BlipForImageTextRetrieval`] for B image-text pairs.
+
+    Args:
+        itm_logits (`torch.FloatTensor` of shape `(B, 2)`): ITM head logits (not matched, matched) of each pair.
+        itm_score (`torch.FloatTensor` of shape `(B,)`): probability that each pair matches.
+        itc_similarity (`torch.FloatTensor` of shape `(B, B)`): cosine similarity of every image with every text
+            (row: image, column: text).
+        image_feat (`torch.FloatTensor` of shape `(B, embed_dim)`), text_feat (`torch.FloatTensor` of shape
+            `(B, embed_dim)`): the normalised ITC features.
+        image_embeds (`torch.FloatTensor` of shape `(B, 1 + N, D_v)`): the ViT's output.
+        multimodal_embeds (`torch.FloatTensor` of shape `(B, L, D_t)`): the image-grounded encoder's output.
+    """
+
+    itm_logits: torch.FloatTensor | None = None
+    itm_score: torch.FloatTensor | None = None
+    itc_similarity: torch.FloatTensor | None = None
+    image_feat: torch.FloatTensor | None = None
+    text_feat: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    multimodal_embeds: torch.FloatTensor | None = None
+
+
+@dataclass
+class BlipQuestionAnsweringOutput(ModelOutput):
+    """Output of [`BlipForQuestionAnswering`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): sum over answers of weight x answer LM loss, divided by
+            the number of questions.
+        logits (`torch.FloatTensor` of shape `(A, L_a, V)`, *optional*): answer decoder logits, one row per answer.
+        image_embeds (`torch.FloatTensor` of shape `(B, 1 + N, D_v)`): the ViT's output.
+        question_embeds (`torch.FloatTensor` of shape `(B, L_q, D_t)`): the image-grounded question encoding.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    question_embeds: torch.FloatTensor | None = None
+
+
+@dataclass
+class BlipAnswerRanking(ModelOutput):
+    """Result of [`BlipForQuestionAnswering.rank`].
+
+    Args:
+        answer_index (`torch.LongTensor` of shape `(B,)`): index of the best candidate for each question.
+        topk_indices (`torch.LongTensor` of shape `(B, k)`): candidates kept by first-token probability.
+        topk_log_probs (`torch.FloatTensor` of shape `(B, k)`): log-likelihood of each kept whole answer.
+    """
+
+    answer_index: torch.LongTensor | None = None
+    topk_indices: torch.LongTensor | None = None
+    topk_log_probs: torch.FloatTensor | None = None
+
+
+class BlipPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and loading shared by every BLIP head."""
+
+    config_class = BlipConfig
+    config: BlipConfig
+    base_model_prefix = "blip"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["BlipVisionLayer", "BlipTextLayer", "BlipTextEmbeddings"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(getattr(module, "temp", None), nn.Parameter):
+            init.constant_(module.temp, self.config.itc_temperature)
+
+
+class _ItcMixin:
+    """The learned ITC temperature, clamped as the original does."""
+
+    def clamped_temperature(self) -> torch.Tensor:
+        with torch.no_grad():
+            self.temp.clamp_(self.config.itc_temperature_min, self.config.itc_temperature_max)
+        return self.temp
+
+
+class BlipModel(_ItcMixin, BlipPreTrainedModel):
+    """Image, text and multimodal features, and the ITC similarity with the learned temperature."""
+
+    def __init__(self, config: BlipConfig):
+        super().__init__(config)
+        self.vision_model = BlipVisionModel(config.vision_config)
+        self.text_encoder = BlipTextModel(config.text_config)
+        self.vision_proj = nn.Linear(config.vision_config.hidden_size, config.embed_dim)
+        self.text_proj = nn.Linear(config.text_config.hidden_size, config.embed_dim)
+        self.temp = nn.Parameter(torch.tensor(config.itc_temperature))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.text_encoder.get_input_embeddings()
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalised ITC image features (B, embed_dim)."""
+        image_embeds = self.vision_model(pixel_values).last_hidden_state
+        return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised ITC text features (B, embed_dim) from the unimodal encoder."""
+        text_embeds = self.text_encoder(input_ids, attention_mask=attention_mask, mode="text").last_hidden_state
+        return F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
+
+    def get_multimodal_features(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Image-grounded text states (B, L, D_t), `[ENC]` first; row 0 is the pair's joint representation."""
+        check_batch_sizes(pixel_values, input_ids)
+        image_embeds = self.vision_model(pixel_values).last_hidden_state
+        return self.text_encoder(
+            replace_first_token(input_ids, self.config.text_config.encoder_token_id),
+            attention_mask=attention_mask,
+            mode="multimodal",
+            encoder_hidden_states=image_embeds,
+        ).last_hidden_state
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        return_dict: bool = True,
+        **kwargs,
+    ) -> BlipOutput:
+        image_embeds = self.vision_model(pixel_values).last_hidden_state
+        text_embeds = self.text_encoder(input_ids, attention_mask=attention_mask, mode="text").last_hidden_state
+        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)  # (B_img, E)
+        text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)  # (B_txt, E)
+        logits_per_image = image_feat @ text_feat.t() / self.clamped_temperature()  # (B_img, B_txt)
+        output = BlipOutput(
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_image.t(),
+            image_feat=image_feat,
+            text_feat=text_feat,
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+def generation_settings(defaults: GenerationConfig, generate_kwargs: dict) -> dict:
+    """The head's generation defaults overridden by the caller's keyword arguments, as `generate` expects them."""
+    generation_config = copy.deepcopy(generate_kwargs.pop("generation_config", None) or defaults)
+    model_kwargs = generation_config.update(**generate_kwargs)  # returns what is not a generation setting
+    return {"generation_config": generation_config, **model_kwargs}
+
+
+def default_generation_config(config: BlipConfig, **settings) -> GenerationConfig:
+    """Generation settings of a head: `[DEC]` starts, `[SEP]` ends, `[PAD]` pads, plus the task's defaults."""
+    text_config = config.text_config
+    return GenerationConfig(
+        bos_token_id=text_config.decoder_bos_token_id,
+        eos_token_id=text_config.sep_token_id,
+        pad_token_id=text_config.pad_token_id,
+        **settings,
+    )
+
+
+class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
+    """Image captioning: the ViT and the image-grounded decoder.
+
+    `generate` returns token ids that start with the prompt (as every decoder-only model in transformers does);
+    `BlipProcessor.decode_captions` drops it. The defaults are the paper's: beam search with 3 beams, 5 to 20 tokens.
+    """
+
+    main_input_name = "pixel_values"
+    _tied_weights_keys = {
+        "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
+        "text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias",
+    }
+
+    def __init__(self, config: BlipConfig):
+        super().__init__(config)
+        self.vision_model = BlipVisionModel(config.vision_config)
+        self.text_decoder = BlipTextLMHeadModel(config.text_config)
+        self.post_init()
+        self.generation_config = default_generation_config(config, max_length=20, min_length=5, num_beams=3)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.text_decoder.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.text_decoder.get_output_embeddings()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        prompt_length: int = 0,
+        return_dict: bool = True,
+        **kwargs,
+    ) -> BlipCaptionOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): the images.
+            input_ids (`torch.LongTensor` of shape `(B, L)`): tokenized captions (`[CLS]` is replaced by `[DEC]`).
+            labels (`torch.LongTensor` of shape `(B, L)`, *optional*): targets aligned with `input_ids`, usually
+                `input_ids` itself. Pads and the first `prompt_length` tokens after `[DEC]` get no loss.
+            prompt_length (`int`): number of prompt tokens after `[DEC]` (e.g. 4 for "a picture of ").
+        """
+        check_batch_sizes(pixel_values, input_ids)
+        image_embeds = self.vision_model(pixel_values).last_hidden_state
+        decoder_input_ids = replace_first_token(input_ids, self.config.text_config.decoder_bos_token_id)
+        outputs = self.text_decoder(
+            decoder_input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds
+        )
+        loss = None
+        if labels is not None:
+            targets = labels.masked_fill(labels == self.config.text_config.pad_token_id, -100)
+            targets[:, : prompt_length + 1] = -100  # `[DEC]` and the prompt are given, not predicted
+            loss = language_modeling_loss(outputs.logits, targets, self.config.text_config.label_smoothing)
+        output = BlipCaptionOutput(loss=loss, logits=outputs.logits, image_embeds=image_embeds)
+        return output if return_dict else output.to_tuple()
+
+    def _decoder_prompt(
+        self, batch_size: int, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`[DEC]` alone, or `[DEC]` + the prompt with its closing `[SEP]` removed (the decoder continues it)."""
+        dec_id = self.config.text_config.decoder_bos_token_id
+        if input_ids is None:
+            return torch.full((batch_size, 1), dec_id, dtype=torch.long, device=device), None
+        if input_ids.shape[0] != batch_size:
+            raise ValueError(f"got {batch_size} images but {input_ids.shape[0]} prompts (input_ids)")
+        if bool((input_ids[:, -1] == self.config.text_config.sep_token_id).all()):
+            input_ids = input_ids[:, :-1]
+            attention_mask = attention_mask[:, :-1] if attention_mask is not None else None
+        return replace_first_token(input_ids, dec_id), attention_mask
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.LongTensor:
+        r"""
+        Captions images: greedy, beam search or sampling, as `generate_kwargs` say (transformers' generate options).
+        The image's cross-attention keys/values are computed once and shared by all its beams or samples.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): the images.
+            input_ids (`torch.LongTensor` of shape `(B, L)`, *optional*): a tokenized prompt such as "a picture of ".
+        Returns:
+            `torch.LongTensor` of shape `(B * num_return_sequences, L_out)`: `[DEC]`, the prompt, the caption.
+        """
+        image_embeds = self.vision_model(pixel_values).last_hidden_state
+        image_key_values = self.text_decoder.bert.image_key_values(image_embeds)
+        decoder_input_ids, attention_mask = self._decoder_prompt(
+            pixel_values.shape[0], input_ids, attention_mask, image_embeds.device
+        )
+        return self.text_decoder.generate(
+            input_ids=decoder_input_ids,
+            attention_mask=attention_mask,
+            image_key_values=image_key_values,
+            **generation_settings(self.generation_config, generate_kwargs),
+        )
+
+
+class BlipForImageTextRetrieval(_ItcMixin, BlipPreTrainedModel):
+    """Image-text retrieval: ITC features (the unimodal encoders) and the ITM head (the image-grounded encoder)."""
+
+    _keys_to_ignore_on_load_missing = [r"^temp$"]  # transformers' layout does not store the temperature
+
+    def __init__(self, config: BlipConfig):
+        super().__init__(config)
+        self.vision_model = BlipVisionModel(config.vision_config)
+        self.text_encoder = BlipTextModel(config.text_config)
+        self.vision_proj = nn.Linear(config.vision_config.hidden_size, config.embed_dim)
+        self.text_proj = nn.Linear(config.text_config.hidden_size, config.embed_dim)
+        self.itm_head = nn.Linear(config.text_config.hidden_size, 2)
+        self.temp = nn.Parameter(torch.tensor(config.itc_temperature))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.text_encoder.get_input_embeddings()
+
+    def image_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Normalised ITC image features (B, embed_dim) from ViT outputs."""
+        return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised ITC text features (B, embed_dim) from the unimodal text encoder."""
+        text_embeds = self.text_encoder(input_ids, attention_mask=attention_mask, mode="text").last_hidden_state
+        return F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
+
+    def itm_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_embeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITM logits (B, 2) of texts against images; a text batch may hold several texts per image, grouped."""
+        multimodal_embeds = self.text_encoder(
+            replace_first_token(input_ids, self.config.text_config.encoder_token_id),
+            attention_mask=attention_mask,
+            mode="multimodal",
+            encoder_hidden_states=image_embeds,
+        ).last_hidden_state
+        return self.itm_head(multimodal_embeds[:, 0]), multimodal_embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        return_dict: bool = True,
+        **kwargs,
+    ) -> BlipRetrievalOutput:
+        r"""
+        Scores B image-text pairs: ITM logits for each pair and the ITC cosine similarity of every image with every
+        text. Texts are ordinary tokenized text: `[ENC]` replaces `[CLS]` for the ITM pass here.
+        """
+        check_batch_sizes(pixel_values, input_ids)
+        image_embeds = self.vision_model(pixel_values).last_hidden_state
+        itm_logits, multimodal_embeds = self.itm_logits(input_ids, attention_mask, image_embeds)
+        image_feat = self.image_features(image_embeds)
+        text_feat = self.text_features(input_ids, attention_mask)
+        output = BlipRetrievalOutput(
+            itm_logits=itm_logits,
+            itm_score=itm_logits.softmax(dim=-1)[:, 1],
+            itc_similarity=image_feat @ text_feat.t(),
+            image_feat=image_feat,
+            text_feat=text_feat,
+            image_embeds=image_embeds,
+            multimodal_embeds=multimodal_embeds,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
+    """Generative VQA: the question is encoded against the image (`[ENC]`), an answer decoder reads the question.
+
+    Training takes several answers per question with weights (BLIP's VQA recipe); inference either generates an
+    answer or ranks a candidate list (`rank`).
+    """
+
+    _tied_weights_keys = {
+        "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
+        "text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias",
+    }
+
+    def __init__(self, config: BlipConfig):
+        super().__init__(config)
+        self.vision_model = BlipVisionModel(config.vision_config)
+        self.text_encoder = BlipTextModel(config.text_config)
+        self.text_decoder = BlipTextLMHeadModel(config.text_config)
+        self.post_init()
+        self.generation_config = default_generation_config(config, max_length=10, min_length=1, num_beams=3)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.text_encoder.get_input_embeddings()
+
+    def encode_question(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image_embeds (B, 1+N, D_v), question_embeds (B, L_q, D_t)): the question read against its image."""
+        check_batch_sizes(pixel_values, input_ids)
+        image_embeds = self.vision_model(pixel_values).last_hidden_state
+        question_embeds = self.text_encoder(
+            replace_first_token(input_ids, self.config.text_config.encoder_token_id),
+            attention_mask=attention_mask,
+            mode="multimodal",
+            encoder_hidden_states=image_embeds,
+        ).last_hidden_state
+        return image_embeds, question_embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        answer_input_ids: torch.Tensor | None = None,
+        answer_attention_mask: torch.Tensor | None = None,
+        answer_weights: torch.Tensor | None = None,
+        answer_counts: torch.Tensor | None = None,
+        return_dict: bool = True,
+        **kwargs,
+    ) -> BlipQuestionAnsweringOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, L_q)`): tokenized questions.
+            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): the images.
+            answer_input_ids (`torch.LongTensor` of shape `(A, L_a)`, *optional*): tokenized answers, all answers of
+                question 0 first, then those of question 1, and so on. With them the loss is computed.
+            answer_weights (`torch.FloatTensor` of shape `(A,)`, *optional*): weight of each answer (default 1).
+            answer_counts (`torch.LongTensor` of shape `(B,)`, *optional*): answers per question (default 1 each).
+        """
+        image_embeds, question_embeds = self.encode_question(input_ids, pixel_values, attention_mask)
+        if answer_input_ids is None:
+            output = BlipQuestionAnsweringOutput(image_embeds=image_embeds, question_embeds=question_embeds)
+            return output if return_dict else output.to_tuple()
+
+        batch_size = input_ids.shape[0]
+        if answer_counts is None:
+            answer_counts = torch.ones(batch_size, dtype=torch.long, device=input_ids.device)
+        if int(answer_counts.sum()) != answer_input_ids.shape[0]:
+            raise ValueError(
+                f"answer_counts sums to {int(answer_counts.sum())} but answer_input_ids has "
+                f"{answer_input_ids.shape[0]} answers"
+            )
+        if answer_weights is None:
+            answer_weights = torch.ones(answer_input_ids.shape[0], device=question_embeds.device)
+        # Each answer reads its own question's states.
+        question_states = question_embeds.repeat_interleave(answer_counts, dim=0)  # (A, L_q, D)
+        question_mask = attention_mask.repeat_interleave(answer_counts, dim=0) if attention_mask is not None else None
+        decoder_input_ids = replace_first_token(answer_input_ids, self.config.text_config.decoder_bos_token_id)
+        targets = decoder_input_ids.masked_fill(decoder_input_ids == self.config.text_config.pad_token_id, -100)
+        answer_output = self.text_decoder(
+            decoder_input_ids,
+            attention_mask=answer_attention_mask,
+            encoder_hidden_states=question_states,
+            encoder_attention_mask=question_mask,
+            labels=targets,
+            reduction="none",
+        )
+        loss = (answer_weights * answer_output.loss).sum() / batch_size
+        output = BlipQuestionAnsweringOutput(
+            loss=loss, logits=answer_output.logits, image_embeds=image_embeds, question_embeds=question_embeds
+        )
+        return output if return_dict else output.to_tuple()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.LongTensor:
+        r"""
+        Generates answers (defaults: beam search, 3 beams, at most 10 tokens). Returns `(B, L)` ids starting with
+        `[DEC]`; decode with `skip_special_tokens=True`.
+        """
+        _, question_embeds = self.encode_question(input_ids, pixel_values, attention_mask)
+        question_key_values = self.text_decoder.bert.image_key_values(question_embeds, attention_mask)
+        bos = torch.full(
+            (input_ids.shape[0], 1),
+            self.config.text_config.decoder_bos_token_id,
+            dtype=torch.long,
+            device=input_ids.device,
+        )
+        return self.text_decoder.generate(
+            input_ids=bos,
+            image_key_values=question_key_values,
+            **generation_settings(self.generation_config, generate_kwargs),
+        )
+
+    @torch.no_grad()
+    def rank(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        candidate_input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        candidate_attention_mask: torch.Tensor | None = None,
+        k: int = 128,
+    ) -> BlipAnswerRanking:
+        r"""
+        Picks each question's answer from a candidate list, as BLIP's `rank` inference: keep the `k` candidates whose
+        first token is most probable, score each whole candidate by its log-likelihood, return the best.
+
+        Args:
+            candidate_input_ids (`torch.LongTensor` of shape `(C, L_a)`): tokenized candidate answers.
+            k (`int`): candidates scored in full per question (capped at C).
+        """
+        _, question_embeds = self.encode_question(input_ids, pixel_values, attention_mask)
+        question_key_values = self.text_decoder.bert.image_key_values(question_embeds, attention_mask)
+        num_questions, num_candidates = question_embeds.shape[0], candidate_input_ids.shape[0]
+        k = min(k, num_candidates)
+        candidates = replace_first_token(candidate_input_ids, self.config.text_config.decoder_bos_token_id)
+
+        # 1. First-token probabilities from one decoder step on `[DEC]`.
+        first_logits = self.text_decoder(
+            candidates[:1, :1].expand(num_questions, 1), image_key_values=question_key_values
+        ).logits
+        first_log_probs = first_logits[:, 0].log_softmax(dim=-1)  # (B, V)
+        candidate_scores = first_log_probs[:, candidates[:, 1]]  # (B, C)
+        topk_log_probs, topk_indices = candidate_scores.topk(k, dim=1)  # (B, k)
+
+        # 2. Whole-answer log-likelihoods of the kept candidates; each question's k rows share its key/values.
+        kept_ids = candidates[topk_indices.reshape(-1)]  # (B*k, L_a)
+        kept_mask = (
+            candidate_attention_mask[topk_indices.reshape(-1)] if candidate_attention_mask is not None else None
+        )
+        logits = self.text_decoder(kept_ids, attention_mask=kept_mask, image_key_values=question_key_values).logits
+        targets = kept_ids.masked_fill(kept_ids == self.config.text_config.pad_token_id, -100)
+        token_log_probs = logits[:, :-1].float().log_softmax(dim=-1)  # (B*k, L_a - 1, V)
+        shifted = targets[:, 1:]
+        gathered = token_log_probs.gather(-1, shifted.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        answer_log_probs = (gathered * (shifted != -100)).sum(dim=1).view(num_questions, k)  # (B, k)
+        best = answer_log_probs.argmax(dim=1)
+        return BlipAnswerRanking(
+            answer_index=topk_indices.gather(1, best[:, None]).squeeze(1),
+            topk_indices=topk_indices,
+            topk_log_probs=answer_log_probs,
+        )
+
+
+__all__ = [
+    "BlipAnswerRanking",
+    "BlipCaptionOutput",
+    "BlipForConditionalGeneration",
+    "BlipForImageTextRetrieval",
+    "BlipForQuestionAnswering",
+    "BlipModel",
+    "BlipOutput",
+    "BlipPreTrainedModel",
+    "BlipQuestionAnsweringOutput",
+    "BlipRetrievalOutput",
+    "replace_first_token",
+]
