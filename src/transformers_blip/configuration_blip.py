@@ -41,6 +41,27 @@ _SHARED_VISION_FIELDS = (
 )
 
 
+# Arguments of `from_pretrained` that locate files rather than set config fields.
+_LOADING_ARGUMENTS = {
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "token",
+    "revision",
+    "subfolder",
+    "proxies",
+    "trust_remote_code",
+    "_from_auto",
+    "_from_pipeline",
+    "_commit_hash",
+    "user_agent",
+}
+
+
+def _config_overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if k not in _LOADING_ARGUMENTS}
+
+
 class BlipVisionConfig(PretrainedConfig):
     r"""
     Configuration of [`BlipVisionModel`], the ViT image encoder of BLIP (timm-style: pre-norm blocks, fused qkv,
@@ -292,6 +313,13 @@ class BlipConfig(PretrainedConfig):
             "image_text_hidden_size": self.embed_dim,
             "label_smoothing": self.text_config.label_smoothing,
         }
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> BlipConfig:
+        config_dict, _ = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == "blip":
+            return cls.from_dict(config_dict, **_config_overrides(kwargs))
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):

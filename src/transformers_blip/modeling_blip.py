@@ -9,16 +9,20 @@ token themselves: callers pass ordinary tokenized text (`[CLS] ... [SEP]`).
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import HfApi
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_blip import BlipConfig
+from .hub import add_pipeline_files, custom_pipelines_for, model_card, write_model_card
 from .modeling_med import BlipTextLMHeadModel, BlipTextModel, language_modeling_loss
 from .modeling_vision import BlipVisionModel
 
@@ -147,11 +151,48 @@ class BlipPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["BlipVisionLayer", "BlipTextLayer", "BlipTextEmbeddings"]
 
+    # The pipeline tasks a saved model of this head serves, and the hub's tag for its model card.
+    pipeline_tasks: tuple[str, ...] = ()
+    pipeline_tag: str | None = None
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(getattr(module, "temp", None), nn.Parameter):
             init.constant_(module.temp, self.config.itc_temperature)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, is_main_process: bool = True, **kwargs):
+        """Saves weights (safetensors) and config, plus the pipeline file and a model card naming the task."""
+        if self.pipeline_tasks:
+            self.config.custom_pipelines = custom_pipelines_for(self.pipeline_tasks)
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            add_pipeline_files(save_directory, self.pipeline_tasks)
+            write_model_card(save_directory, type(self).__name__, self.pipeline_tag)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        **save_kwargs,
+    ):
+        """Uploads what `save_pretrained` writes (weights, config, code, pipeline, model card) to a hub repo."""
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as work_dir:
+            self.save_pretrained(work_dir, **save_kwargs)
+            model_card(type(self).__name__, self.pipeline_tag, repo_id).save(os.path.join(work_dir, "README.md"))
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=work_dir,
+                commit_message=commit_message or f"Upload {type(self).__name__}",
+                revision=revision,
+                create_pr=create_pr,
+            )
 
 
 class _ItcMixin:
@@ -165,6 +206,8 @@ class _ItcMixin:
 
 class BlipModel(_ItcMixin, BlipPreTrainedModel):
     """Image, text and multimodal features, and the ITC similarity with the learned temperature."""
+
+    pipeline_tag = "feature-extraction"
 
     def __init__(self, config: BlipConfig):
         super().__init__(config)
@@ -251,6 +294,8 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
     """
 
     main_input_name = "pixel_values"
+    pipeline_tasks = ("image-to-text",)
+    pipeline_tag = "image-to-text"
     _tied_weights_keys = {
         "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
         "text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias",
@@ -349,6 +394,7 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
 class BlipForImageTextRetrieval(_ItcMixin, BlipPreTrainedModel):
     """Image-text retrieval: ITC features (the unimodal encoders) and the ITM head (the image-grounded encoder)."""
 
+    pipeline_tag = "zero-shot-image-classification"
     _keys_to_ignore_on_load_missing = [r"^temp$"]  # transformers' layout does not store the temperature
 
     def __init__(self, config: BlipConfig):
@@ -421,6 +467,8 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
     answer or ranks a candidate list (`rank`).
     """
 
+    pipeline_tasks = ("visual-question-answering",)
+    pipeline_tag = "visual-question-answering"
     _tied_weights_keys = {
         "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
         "text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias",

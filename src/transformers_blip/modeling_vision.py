@@ -156,7 +156,8 @@ class BlipVisionEncoder(nn.Module):
     def __init__(self, config: BlipVisionConfig):
         super().__init__()
         # Stochastic depth rises linearly with depth, as in timm's ViT.
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        last = max(config.num_hidden_layers - 1, 1)
+        rates = [config.drop_path_rate * i / last for i in range(config.num_hidden_layers)]
         self.layers = nn.ModuleList([BlipVisionLayer(config, rate) for rate in rates])
         self.gradient_checkpointing = False
 

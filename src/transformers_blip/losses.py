@@ -1,0 +1,164 @@
+"""BLIP's training losses as pure functions of features: ITC with momentum distillation, ITM hard negatives, gathers.
+
+Nothing here holds state: the pretraining model owns the momentum encoders and the queues and passes their features
+in. The cross-rank gathers are no-ops in a single process (no process group needed), so every function runs the same
+way in a test, on one GPU and under DDP.
+
+- Keys of the contrastive loss are momentum features, which carry no gradient, so ranks exchange them with a plain
+  all-gather (`gather_without_grad`).
+- ITM hard negatives drawn from all ranks need the other ranks' image embeddings *with* their gradient
+  (`gather_with_grad`): the backward pass sums each rank's contribution into the rank that owns the sample, and DDP's
+  averaging then gives the gradient of the mean loss over ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn.functional as F
+
+# Added to the sampling weights of hard negatives before positives are zeroed, as the original pretraining does, so
+# that every non-positive candidate keeps a chance even when the softmax underflows.
+NEGATIVE_SAMPLING_FLOOR = 1e-4
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """(rank, world size) of the default process group, or (0, 1) when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def gather_without_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenates `tensor` (B, ...) of every rank along dim 0 in rank order: (world_size * B, ...), no gradient.
+
+    Every rank must pass the same shape. Without a process group (or with one process) it returns `tensor` itself.
+    """
+    _, world_size = rank_and_world_size()
+    if world_size == 1:
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered, dim=0)
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Like `gather_without_grad`, but the result stays in the autograd graph.
+
+    The backward pass sends every rank's gradient of a gathered slice back to the rank that produced it and sums them.
+    """
+    _, world_size = rank_and_world_size()
+    if world_size == 1:
+        return tensor
+    return torch.cat(dist_nn.all_gather(tensor.contiguous()), dim=0)
+
+
+def diagonal_positives(batch_size: int, num_keys: int, offset: int, device: torch.device) -> torch.Tensor:
+    """Boolean (B, K) mask whose only positive for query i is key `offset + i` (its own pair)."""
+    positives = torch.zeros(batch_size, num_keys, dtype=torch.bool, device=device)
+    rows = torch.arange(batch_size, device=device)
+    positives[rows, rows + offset] = True
+    return positives
+
+
+def same_id_positives(query_ids: torch.Tensor, key_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, K) mask of the keys whose image id equals the query's: every caption of an image is a positive."""
+    return query_ids.view(-1, 1) == key_ids.view(1, -1)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross entropy against a target distribution per row: logits and targets (B, K); the mean over rows."""
+    return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
+
+
+def itc_loss(
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    image_feat_m: torch.Tensor,
+    text_feat_m: torch.Tensor,
+    image_keys: torch.Tensor,
+    text_keys: torch.Tensor,
+    positives: torch.Tensor,
+    temperature: torch.Tensor,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""
+    Image-text contrastive loss with momentum distillation (ALBEF/BLIP).
+
+    Each image query is scored against every text key and each text query against every image key. The targets mix
+    the momentum model's own similarity distribution (weight `alpha`) with the ground truth (uniform over the
+    positives, weight `1 - alpha`); the loss is the mean of the image-to-text and text-to-image soft cross entropies.
+
+    Args:
+        image_feat, text_feat (`torch.Tensor` of shape `(B, E)`): normalised features of the online model.
+        image_feat_m, text_feat_m (`torch.Tensor` of shape `(B, E)`): the same pairs through the momentum model.
+        image_keys, text_keys (`torch.Tensor` of shape `(K, E)`): momentum features to contrast with: this step's
+            batch (the local one, or all ranks'), then the queue.
+        positives (`torch.BoolTensor` of shape `(B, K)`): which keys are positives of each query; every row needs one.
+        temperature (`torch.Tensor` of shape `()`): the learned temperature.
+        alpha (`float`): weight of the momentum model's soft targets.
+
+    Returns:
+        `(loss, logits_per_image, logits_per_text)`, the logits each `(B, K)`.
+    """
+    with torch.no_grad():
+        hard_targets = positives.float() / positives.sum(dim=1, keepdim=True)  # (B, K)
+        soft_i2t = F.softmax(image_feat_m @ text_keys.t() / temperature, dim=1)  # (B, K)
+        soft_t2i = F.softmax(text_feat_m @ image_keys.t() / temperature, dim=1)  # (B, K)
+        targets_i2t = alpha * soft_i2t + (1 - alpha) * hard_targets
+        targets_t2i = alpha * soft_t2i + (1 - alpha) * hard_targets
+    logits_per_image = image_feat @ text_keys.t() / temperature  # (B, K)
+    logits_per_text = text_feat @ image_keys.t() / temperature  # (B, K)
+    loss = (soft_cross_entropy(logits_per_image, targets_i2t) + soft_cross_entropy(logits_per_text, targets_t2i)) / 2
+    return loss, logits_per_image, logits_per_text
+
+
+@torch.no_grad()
+def sample_hard_negatives(
+    logits: torch.Tensor, positives: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    r"""
+    Draws one negative candidate per query, with probability proportional to the softmax of its similarity: the
+    negatives most easily confused with the positive are the likeliest.
+
+    Args:
+        logits (`torch.Tensor` of shape `(B, P)`): similarity of each query with each candidate of the pool.
+        positives (`torch.BoolTensor` of shape `(B, P)`): candidates that must not be drawn (the pair itself, or every
+            caption of the same image).
+        generator (`torch.Generator`, *optional*): source of randomness (default: torch's global one).
+
+    Returns:
+        `torch.LongTensor` of shape `(B,)`: the index of each query's negative in the pool. A query whose every
+        candidate is a positive (a degenerate batch) gets a uniformly drawn candidate, which is then a false negative.
+    """
+    weights = F.softmax(logits.float(), dim=1) + NEGATIVE_SAMPLING_FLOOR  # (B, P)
+    weights = weights.masked_fill(positives, 0.0)
+    no_negative = weights.sum(dim=1) == 0
+    if bool(no_negative.any()):
+        weights[no_negative] = 1.0
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def itm_labels(batch_size: int, device: torch.device) -> torch.Tensor:
+    """ITM targets in the order the pretraining model scores its pairs: B positives, then 2B negatives."""
+    return torch.cat(
+        [
+            torch.ones(batch_size, dtype=torch.long, device=device),
+            torch.zeros(2 * batch_size, dtype=torch.long, device=device),
+        ]
+    )
+
+
+__all__ = [
+    "diagonal_positives",
+    "gather_with_grad",
+    "gather_without_grad",
+    "itc_loss",
+    "itm_labels",
+    "rank_and_world_size",
+    "same_id_positives",
+    "sample_hard_negatives",
+    "soft_cross_entropy",
+]

@@ -1,0 +1,392 @@
+"""BLIP pretraining: ITC with momentum distillation and feature queues, ITM with hard negatives, and LM, in one model.
+
+`BlipForPreTraining` holds the ViT, the MED text encoder, the image-grounded decoder, the projections and the ITM head,
+plus momentum ("_m") copies of the ViT, the text encoder and both projections and the queues of their features. The
+image-grounded encoder and the decoder share every parameter except their self-attention layers (the paper's best
+setting): the shared tensors are the same `nn.Parameter` objects, declared in `_tied_weights_keys` so that saving and
+loading keep them so.
+
+State that changes outside the optimizer:
+
+- the momentum encoders follow the online ones by EMA, once per optimizer step: `_momentum_update()` is called by
+  `training.MomentumUpdateCallback` under `Trainer` (or by a hand-written loop after `optimizer.step()`), not by
+  `forward`, so gradient accumulation does not multiply it;
+- the queues are written by `forward` in training mode, with this step's momentum features of every rank;
+- the distillation weight alpha ramps up over `config.alpha_warmup_steps` optimizer steps, read from
+  `optimizer_steps`, which the callback sets from the Trainer's global step (so it survives a resume).
+
+Queues and pointer are persistent buffers, so every checkpoint (and `save_pretrained`) carries them with the momentum
+weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_blip import BlipConfig
+from .losses import (
+    diagonal_positives,
+    gather_with_grad,
+    gather_without_grad,
+    itc_loss,
+    itm_labels,
+    rank_and_world_size,
+    same_id_positives,
+    sample_hard_negatives,
+)
+from .modeling_blip import BlipPreTrainedModel, _ItcMixin, check_batch_sizes, replace_first_token
+from .modeling_med import BlipTextLMHeadModel, BlipTextModel
+from .modeling_vision import BlipVisionModel
+
+# Submodules of the image-grounded decoder that are the text encoder's own: everything but self-attention.
+_SHARED_WITH_DECODER = r"(embeddings|encoder\.layer\.\d+\.(crossattention|intermediate|output))\."
+
+# (online module, momentum copy) attribute names.
+MOMENTUM_PAIRS = (
+    ("vision_model", "vision_model_m"),
+    ("vision_proj", "vision_proj_m"),
+    ("text_encoder", "text_encoder_m"),
+    ("text_proj", "text_proj_m"),
+)
+
+# Id written to the id queue for samples without an image id: it never equals a real (non-negative) id.
+NO_IMAGE_ID = -100
+
+
+@dataclass
+class BlipForPreTrainingOutput(ModelOutput):
+    """Output of [`BlipForPreTraining`] for a batch of B image-text pairs.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): `loss_itc + loss_itm + loss_lm`.
+        loss_itc (`torch.FloatTensor` of shape `()`): image-text contrastive loss with momentum distillation.
+        loss_itm (`torch.FloatTensor` of shape `()`): image-text matching loss over B positives and 2B hard negatives.
+        loss_lm (`torch.FloatTensor` of shape `()`): label-smoothed captioning loss of the image-grounded decoder.
+        itc_logits_per_image (`torch.FloatTensor` of shape `(B, K)`): each image against the K text keys (this
+            step's momentum features, then the queue), divided by the temperature.
+        itc_logits_per_text (`torch.FloatTensor` of shape `(B, K)`): each text against the K image keys.
+        itm_logits (`torch.FloatTensor` of shape `(3B, 2)`): ITM head logits (not matched, matched) of the pairs
+            (text i, image i), then (text i, its negative image), then (its negative text, image i).
+        lm_logits (`torch.FloatTensor` of shape `(B, L, V)`): next-token logits of the decoder.
+        itm_negative_image_indices (`torch.LongTensor` of shape `(B,)`): for each text, the index of its negative image
+            in the candidate pool (the local batch, or the concatenated batches of all ranks with `negative_all_rank`).
+        itm_negative_text_indices (`torch.LongTensor` of shape `(B,)`): for each image, its negative text's index.
+        alpha (`float`): the distillation weight used.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_itc: torch.FloatTensor | None = None
+    loss_itm: torch.FloatTensor | None = None
+    loss_lm: torch.FloatTensor | None = None
+    itc_logits_per_image: torch.FloatTensor | None = None
+    itc_logits_per_text: torch.FloatTensor | None = None
+    itm_logits: torch.FloatTensor | None = None
+    lm_logits: torch.FloatTensor | None = None
+    itm_negative_image_indices: torch.LongTensor | None = None
+    itm_negative_text_indices: torch.LongTensor | None = None
+    alpha: float | None = None
+
+
+class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
+    """BLIP's pretraining model: ITC (momentum distillation, queues), ITM (hard negatives) and LM in one forward.
+
+    The config fields `queue_size`, `momentum`, `alpha`, `alpha_warmup_steps`, `negative_all_rank`, `itc_global_keys`
+    and `itc_temperature*` drive it. Under `torch.distributed` every rank must pass batches of the same shape (pad
+    texts to a fixed length); without a process group nothing distributed is called.
+    """
+
+    # The loss is a per-batch mean: Trainer must not rescale it by token counts or by the world size.
+    accepts_loss_kwargs = False
+    _tied_weights_keys = {rf"text_decoder\.bert\.{_SHARED_WITH_DECODER}": rf"text_encoder\.{_SHARED_WITH_DECODER}"}
+    # Momentum weights and queues a checkpoint lacks are rebuilt from the online model, as the original does.
+    _keys_to_ignore_on_load_missing = [r"_m\.", r"^(image|text|idx)_queue$", r"^queue_ptr$"]
+
+    def __init__(self, config: BlipConfig):
+        super().__init__(config)
+        if not config.tie_word_embeddings:
+            raise ValueError(
+                "BlipForPreTraining shares weights between its encoder and decoder: keep tie_word_embeddings"
+            )
+        vision_width, text_width = config.vision_config.hidden_size, config.text_config.hidden_size
+        self.vision_model = BlipVisionModel(config.vision_config)
+        self.text_encoder = BlipTextModel(config.text_config)
+        self.text_decoder = BlipTextLMHeadModel(config.text_config)
+        self.vision_proj = nn.Linear(vision_width, config.embed_dim)
+        self.text_proj = nn.Linear(text_width, config.embed_dim)
+        self.itm_head = nn.Linear(text_width, 2)
+        self.temp = nn.Parameter(torch.tensor(config.itc_temperature))
+
+        # Momentum copies. Their features are targets: no stochastic depth in the ViT, and the text encoder only runs
+        # unimodally, so it needs no cross-attention.
+        momentum_vision_config = copy.deepcopy(config.vision_config)
+        momentum_vision_config.drop_path_rate = 0.0
+        momentum_text_config = copy.deepcopy(config.text_config)
+        momentum_text_config.add_cross_attention = False
+        self.vision_model_m = BlipVisionModel(momentum_vision_config)
+        self.text_encoder_m = BlipTextModel(momentum_text_config)
+        self.vision_proj_m = nn.Linear(vision_width, config.embed_dim)
+        self.text_proj_m = nn.Linear(text_width, config.embed_dim)
+
+        # Queues of momentum features, one column per sample as in the original layout: (embed_dim, queue_size).
+        self.register_buffer("image_queue", torch.zeros(config.embed_dim, config.queue_size))
+        self.register_buffer("text_queue", torch.zeros(config.embed_dim, config.queue_size))
+        self.register_buffer("idx_queue", torch.full((1, config.queue_size), NO_IMAGE_ID, dtype=torch.long))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+        # Optimizer steps taken so far; drives the alpha ramp. `MomentumUpdateCallback` keeps it equal to the
+        # Trainer's global step.
+        self.optimizer_steps = 0
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.text_encoder.get_input_embeddings()
+
+    # ---- Weights -------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is self:
+            # Runs after every submodule is initialised or loaded: fill only what is still missing.
+            for queue in (self.image_queue, self.text_queue):
+                if not getattr(queue, "_is_hf_initialized", False):
+                    queue.copy_(F.normalize(torch.randn_like(queue), dim=0))
+            init.constant_(self.idx_queue, NO_IMAGE_ID)
+            init.zeros_(self.queue_ptr)
+            momentum_params, online_params = self._momentum_parameter_pairs()
+            for param_m, param in zip(momentum_params, online_params):
+                init.copy_(param_m, param)
+            self._freeze_momentum_encoders()
+
+    def _momentum_parameter_pairs(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(momentum parameters, the online parameters they follow), matched by name."""
+        momentum_params, online_params = [], []
+        for online_name, momentum_name in MOMENTUM_PAIRS:
+            online = getattr(self, online_name)
+            for name, param_m in getattr(self, momentum_name).named_parameters():
+                momentum_params.append(param_m)
+                online_params.append(online.get_parameter(name))
+        return momentum_params, online_params
+
+    def _freeze_momentum_encoders(self) -> None:
+        """The momentum encoders learn only by EMA, never from gradients."""
+        for _, momentum_name in MOMENTUM_PAIRS:
+            getattr(self, momentum_name).requires_grad_(False)
+
+    @torch.no_grad()
+    def copy_online_to_momentum(self) -> None:
+        """Sets every momentum parameter to its online counterpart (the state at initialisation)."""
+        momentum_params, online_params = self._momentum_parameter_pairs()
+        torch._foreach_copy_(momentum_params, online_params)
+
+    @torch.no_grad()
+    def _momentum_update(self) -> None:
+        """One EMA step of the momentum encoders: param_m <- momentum * param_m + (1 - momentum) * param."""
+        momentum_params, online_params = self._momentum_parameter_pairs()
+        torch._foreach_mul_(momentum_params, self.config.momentum)
+        torch._foreach_add_(momentum_params, online_params, alpha=1.0 - self.config.momentum)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Loading replaces parameters by new ones that require grad; the momentum encoders must stay frozen.
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model._freeze_momentum_encoders()
+        return loaded
+
+    # ---- Queues and alpha ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, image_ids: torch.Tensor):
+        """Writes the momentum features (N, E) and image ids (N,) of every rank at the pointer, wrapping around."""
+        queue_size = self.config.queue_size
+        if queue_size == 0:
+            return
+        if image_feat_m.shape[0] > queue_size:  # a global batch larger than the queue keeps its newest samples
+            image_feat_m, text_feat_m, image_ids = (
+                image_feat_m[-queue_size:],
+                text_feat_m[-queue_size:],
+                image_ids[-queue_size:],
+            )
+        num_new = image_feat_m.shape[0]
+        ptr = int(self.queue_ptr)
+        columns = (ptr + torch.arange(num_new, device=self.queue_ptr.device)) % queue_size
+        self.image_queue[:, columns] = image_feat_m.t().to(self.image_queue.dtype)
+        self.text_queue[:, columns] = text_feat_m.t().to(self.text_queue.dtype)
+        self.idx_queue[0, columns] = image_ids
+        self.queue_ptr[0] = (ptr + num_new) % queue_size
+
+    def distillation_alpha(self, step: int | None = None) -> float:
+        """Weight of the momentum targets after `step` optimizer steps: `alpha`, ramped linearly from 0 when
+        `alpha_warmup_steps > 0` (the original ramps over its first two epochs)."""
+        step = self.optimizer_steps if step is None else step
+        warmup = self.config.alpha_warmup_steps
+        if warmup <= 0:
+            return self.config.alpha
+        return self.config.alpha * min(1.0, step / warmup)
+
+    # ---- Forward -------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _momentum_features(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised ITC features (B, E) of the images and texts through the momentum encoders."""
+        image_embeds_m = self.vision_model_m(pixel_values).last_hidden_state
+        image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
+        text_embeds_m = self.text_encoder_m(input_ids, attention_mask=attention_mask, mode="text").last_hidden_state
+        text_feat_m = F.normalize(self.text_proj_m(text_embeds_m[:, 0]), dim=-1)
+        return image_feat_m, text_feat_m
+
+    def _positives(
+        self, image_ids: torch.Tensor | None, key_ids: torch.Tensor | None, num_keys: int, offset: int, batch_size: int
+    ) -> torch.Tensor:
+        """(B, K) positives: keys with the query's image id when ids are given, else the query's own pair."""
+        if image_ids is None:
+            return diagonal_positives(batch_size, num_keys, offset, self.temp.device)
+        return same_id_positives(image_ids, key_ids)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
+        alpha: float | None = None,
+        return_dict: bool = True,
+        **kwargs,
+    ) -> BlipForPreTrainingOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): the images.
+            input_ids (`torch.LongTensor` of shape `(B, L)`): tokenized captions, `[CLS] ... [SEP]` and padding; the
+                model puts `[ENC]` and `[DEC]` first where needed. Pad to a fixed length when training on several
+                ranks.
+            attention_mask (`torch.Tensor` of shape `(B, L)`, *optional*): 1 for real tokens.
+            image_ids (`torch.LongTensor` of shape `(B,)`, *optional*): non-negative ids of the images. Given, every
+                pair that shares an image id (in the batch, on any rank, or in the queue) is a positive in ITC and
+                never an ITM negative: the retrieval recipe. Without them each pair is its own only positive.
+            alpha (`float`, *optional*): distillation weight; defaults to `distillation_alpha()`.
+        """
+        check_batch_sizes(pixel_values, input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        alpha = self.distillation_alpha() if alpha is None else alpha
+        temperature = self.clamped_temperature()
+        rank, world_size = rank_and_world_size()
+        batch_size = input_ids.shape[0]
+        text_config = self.config.text_config
+
+        # Online unimodal features.
+        image_embeds = self.vision_model(pixel_values).last_hidden_state  # (B, 1+N, Dv)
+        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)  # (B, E)
+        text_embeds = self.text_encoder(input_ids, attention_mask=attention_mask, mode="text").last_hidden_state
+        text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)  # (B, E)
+
+        # ===== ITC: keys are momentum features of this step (local or all ranks') followed by the queue.
+        image_feat_m, text_feat_m = self._momentum_features(pixel_values, input_ids, attention_mask)
+        image_feat_m_all = gather_without_grad(image_feat_m)  # (W*B, E), rank order
+        text_feat_m_all = gather_without_grad(text_feat_m)
+        image_ids_all = gather_without_grad(image_ids) if image_ids is not None else None
+        if self.config.itc_global_keys:
+            batch_image_keys, batch_text_keys, batch_ids, offset = (
+                image_feat_m_all,
+                text_feat_m_all,
+                image_ids_all,
+                rank * batch_size,
+            )
+        else:
+            batch_image_keys, batch_text_keys, batch_ids, offset = image_feat_m, text_feat_m, image_ids, 0
+        image_keys = torch.cat([batch_image_keys, self.image_queue.t()], dim=0)  # (K, E); cat copies the queue
+        text_keys = torch.cat([batch_text_keys, self.text_queue.t()], dim=0)  # (K, E)
+        key_ids = torch.cat([batch_ids, self.idx_queue[0]]) if image_ids is not None else None
+        positives = self._positives(image_ids, key_ids, image_keys.shape[0], offset, batch_size)
+        loss_itc, itc_logits_per_image, itc_logits_per_text = itc_loss(
+            image_feat, text_feat, image_feat_m, text_feat_m, image_keys, text_keys, positives, temperature, alpha
+        )
+        if self.training:
+            if image_ids_all is None:
+                image_ids_all = torch.full((image_feat_m_all.shape[0],), NO_IMAGE_ID, device=image_feat_m_all.device)
+            self._dequeue_and_enqueue(image_feat_m_all, text_feat_m_all, image_ids_all)
+
+        # ===== ITM: one hard negative text per image and one hard negative image per text.
+        if self.config.negative_all_rank and world_size > 1:
+            pool_image_embeds = gather_with_grad(image_embeds)  # (W*B, 1+N, Dv), gradient flows back to its rank
+            pool_input_ids = gather_without_grad(input_ids)
+            pool_attention_mask = gather_without_grad(attention_mask)
+            pool_image_feat_m, pool_text_feat_m, pool_ids, pool_offset = (
+                image_feat_m_all,
+                text_feat_m_all,
+                image_ids_all,
+                rank * batch_size,
+            )
+        else:
+            pool_image_embeds, pool_input_ids, pool_attention_mask = image_embeds, input_ids, attention_mask
+            pool_image_feat_m, pool_text_feat_m, pool_ids, pool_offset = image_feat_m, text_feat_m, image_ids, 0
+        with torch.no_grad():
+            pool_positives = self._positives(image_ids, pool_ids, pool_input_ids.shape[0], pool_offset, batch_size)
+            negative_text_indices = sample_hard_negatives(
+                image_feat @ pool_text_feat_m.t() / temperature, pool_positives
+            )
+            negative_image_indices = sample_hard_negatives(
+                text_feat @ pool_image_feat_m.t() / temperature, pool_positives
+            )
+
+        encoder_input_ids = replace_first_token(input_ids, text_config.encoder_token_id)
+        negative_text_ids = replace_first_token(pool_input_ids[negative_text_indices], text_config.encoder_token_id)
+        itm_input_ids = torch.cat([encoder_input_ids, encoder_input_ids, negative_text_ids])  # (3B, L)
+        itm_attention_mask = torch.cat(
+            [attention_mask, attention_mask, pool_attention_mask[negative_text_indices]]
+        )  # (3B, L)
+        itm_image_embeds = torch.cat([image_embeds, pool_image_embeds[negative_image_indices], image_embeds])
+        multimodal_embeds = self.text_encoder(
+            itm_input_ids,
+            attention_mask=itm_attention_mask,
+            mode="multimodal",
+            encoder_hidden_states=itm_image_embeds,
+        ).last_hidden_state  # (3B, L, D)
+        itm_logits = self.itm_head(multimodal_embeds[:, 0])  # (3B, 2)
+        loss_itm = F.cross_entropy(itm_logits, itm_labels(batch_size, itm_logits.device))
+
+        # ===== LM: the decoder captions the image, `[DEC]` first, pads ignored.
+        decoder_input_ids = replace_first_token(input_ids, text_config.decoder_bos_token_id)
+        lm_targets = decoder_input_ids.masked_fill(decoder_input_ids == text_config.pad_token_id, -100)
+        lm_output = self.text_decoder(
+            decoder_input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds, labels=lm_targets
+        )
+        loss_lm = lm_output.loss
+
+        output = BlipForPreTrainingOutput(
+            loss=loss_itc + loss_itm + loss_lm,
+            loss_itc=loss_itc,
+            loss_itm=loss_itm,
+            loss_lm=loss_lm,
+            itc_logits_per_image=itc_logits_per_image,
+            itc_logits_per_text=itc_logits_per_text,
+            itm_logits=itm_logits,
+            lm_logits=lm_output.logits,
+            itm_negative_image_indices=negative_image_indices,
+            itm_negative_text_indices=negative_text_indices,
+            alpha=alpha,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+def count_unique_parameters(model: nn.Module, include_momentum: bool = False) -> int:
+    """Parameters of `model`, each shared tensor counted once; the momentum copies only if `include_momentum`."""
+    momentum_prefixes = tuple(f"{name}." for _, name in MOMENTUM_PAIRS)
+    total = 0
+    for name, param in model.named_parameters():  # named_parameters() yields a shared parameter once
+        if include_momentum or not name.startswith(momentum_prefixes):
+            total += param.numel()
+    return total
+
+
+__all__ = ["BlipForPreTraining", "BlipForPreTrainingOutput", "count_unique_parameters"]

@@ -1,0 +1,170 @@
+"""Pipelines for BLIP: `image-to-text` (captioning) and `visual-question-answering`.
+
+transformers 5.x redirects `image-to-text` to `image-text-to-text`, which demands a text prompt, and has removed
+`visual-question-answering`. A model saved by this package names these classes in its config's `custom_pipelines`
+and carries this file beside its weights, so both tasks work again:
+
+    pipeline("image-to-text", model=path, trust_remote_code=True)(image)
+    pipeline("visual-question-answering", model=path, trust_remote_code=True)(image=image, question="...")
+
+With the package installed, pass `pipeline_class=BlipImageToTextPipeline` (or `BlipVisualQuestionAnsweringPipeline`)
+instead of trusting remote code. This file imports nothing from the package, so that it works where the package is
+not installed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Pipeline
+from transformers.image_utils import load_image
+
+CUSTOM_PIPELINES = {
+    "image-to-text": {
+        "impl": "pipelines.BlipImageToTextPipeline",
+        "pt": ["AutoModelForImageTextToText"],
+        "type": "multimodal",
+    },
+    "visual-question-answering": {
+        "impl": "pipelines.BlipVisualQuestionAnsweringPipeline",
+        "pt": ["AutoModelForVisualQuestionAnswering"],
+        "type": "multimodal",
+    },
+}
+
+
+def strip_prompt(text: str, prompt: str | None) -> str:
+    """Drops a leading prompt from decoded text, as BLIP returns captions without "a picture of"."""
+    text = text.strip()
+    if prompt:
+        prompt = prompt.strip().lower()
+        if text.lower().startswith(prompt):
+            text = text[len(prompt) :]
+    return text.strip()
+
+
+class BlipImageToTextPipeline(Pipeline):
+    """Captions images: `pipe(image_or_images, prompt=None, **generate_kwargs)` -> `[{"generated_text": ...}]`.
+
+    Images may be PIL images, local paths or URLs. `prompt` (e.g. "a picture of") is continued by the decoder and
+    stripped from the result. Generation defaults come from the model's generation config (beam search, 3 beams,
+    5 to 20 tokens for BLIP captioners); any `generate` option may be passed, e.g. `num_beams=1` or `do_sample=True`.
+    """
+
+    _load_processor = True
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+    _pipeline_calls_generate = True
+
+    def _sanitize_parameters(self, prompt: str | None = None, timeout: float | None = None, **generate_kwargs):
+        preprocess_params = {"prompt": prompt, "timeout": timeout}
+        postprocess_params = {"prompt": prompt}
+        return preprocess_params, {"generate_kwargs": generate_kwargs}, postprocess_params
+
+    def __call__(self, images: Any, **kwargs) -> list[dict[str, str]] | list[list[dict[str, str]]]:
+        return super().__call__(images, **kwargs)
+
+    def preprocess(self, image: Any, prompt: str | None = None, timeout: float | None = None) -> dict:
+        image = load_image(image, timeout=timeout)
+        if prompt:
+            inputs = self.processor(images=image, text=prompt, return_tensors="pt")
+        else:
+            inputs = self.processor(images=image, return_tensors="pt")
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return inputs
+
+    def _forward(self, model_inputs: dict, generate_kwargs: dict | None = None) -> dict:
+        generated_ids = self.model.generate(**model_inputs, **(generate_kwargs or {}))
+        return {"generated_ids": generated_ids}
+
+    def postprocess(self, model_outputs: dict, prompt: str | None = None) -> list[dict[str, str]]:
+        texts = self.processor.batch_decode(model_outputs["generated_ids"], skip_special_tokens=True)
+        return [{"generated_text": strip_prompt(text, prompt)} for text in texts]
+
+
+class BlipVisualQuestionAnsweringPipeline(Pipeline):
+    """Answers questions about images: `pipe(image=..., question=..., top_k=1)` -> `[{"answer": ..., "score": ...}]`.
+
+    Without `candidates` the answer is generated (beam search; `score` is the beam's probability). With
+    `candidates` (a list of answer strings) the answers are ranked as BLIP's `rank` inference does and `score` is
+    the whole answer's probability.
+    """
+
+    _load_processor = True
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+    _pipeline_calls_generate = True
+
+    def _sanitize_parameters(
+        self,
+        top_k: int | None = None,
+        candidates: list[str] | None = None,
+        timeout: float | None = None,
+        **generate_kwargs,
+    ):
+        preprocess_params = {"timeout": timeout}
+        forward_params = {"top_k": top_k or 1, "candidates": candidates, "generate_kwargs": generate_kwargs}
+        return preprocess_params, forward_params, {}
+
+    def __call__(self, image: Any = None, question: str | None = None, **kwargs) -> list[dict[str, Any]]:
+        if isinstance(image, dict):
+            return super().__call__(image, **kwargs)
+        if image is None or question is None:
+            raise ValueError("visual-question-answering needs both image=... and question=...")
+        return super().__call__({"image": image, "question": question}, **kwargs)
+
+    def preprocess(self, inputs: dict, timeout: float | None = None) -> dict:
+        image = load_image(inputs["image"], timeout=timeout)
+        model_inputs = self.processor(images=image, text=inputs["question"], return_tensors="pt")
+        model_inputs["pixel_values"] = model_inputs["pixel_values"].to(self.dtype)
+        return model_inputs
+
+    def _forward(
+        self,
+        model_inputs: dict,
+        top_k: int = 1,
+        candidates: list[str] | None = None,
+        generate_kwargs: dict | None = None,
+    ) -> dict:
+        if candidates:
+            return self._rank(model_inputs, top_k, candidates)
+        generate_kwargs = dict(generate_kwargs or {})
+        generate_kwargs.setdefault("num_beams", max(top_k, self.model.generation_config.num_beams or 1))
+        output = self.model.generate(
+            **model_inputs,
+            num_return_sequences=top_k,
+            return_dict_in_generate=True,
+            output_scores=True,
+            **generate_kwargs,
+        )
+        scores = getattr(output, "sequences_scores", None)
+        if scores is None:  # greedy search returns no sequence score
+            scores = torch.zeros(output.sequences.shape[0])
+        answers = self.processor.batch_decode(output.sequences, skip_special_tokens=True)
+        return {"answers": answers, "scores": scores.exp().tolist()}
+
+    def _rank(self, model_inputs: dict, top_k: int, candidates: list[str]) -> dict:
+        tokenized = self.processor.tokenizer(candidates, padding="longest", return_tensors="pt")
+        ranking = self.model.rank(
+            input_ids=model_inputs["input_ids"],
+            pixel_values=model_inputs["pixel_values"],
+            attention_mask=model_inputs.get("attention_mask"),
+            candidate_input_ids=tokenized["input_ids"].to(self.device),
+            candidate_attention_mask=tokenized["attention_mask"].to(self.device),
+            k=len(candidates),
+        )
+        log_probs, order = ranking.topk_log_probs[0].sort(descending=True)
+        best = ranking.topk_indices[0][order][:top_k]
+        return {"answers": [candidates[i] for i in best.tolist()], "scores": log_probs[:top_k].exp().tolist()}
+
+    def postprocess(self, model_outputs: dict) -> list[dict[str, Any]]:
+        return [
+            {"answer": answer.strip(), "score": score}
+            for answer, score in zip(model_outputs["answers"], model_outputs["scores"])
+        ]
+
+
+__all__ = ["BlipImageToTextPipeline", "BlipVisualQuestionAnsweringPipeline", "CUSTOM_PIPELINES", "strip_prompt"]

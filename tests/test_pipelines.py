@@ -1,0 +1,181 @@
+"""Saving, Auto classes, remote code and the pipelines, each in a fresh Python process where it matters."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import random_image
+from huggingface_hub import HfApi
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoModelForVisualQuestionAnswering,
+    pipeline,
+)
+
+from transformers_blip import BlipForConditionalGeneration, BlipForQuestionAnswering, BlipModel
+from transformers_blip.pipelines import BlipImageToTextPipeline, BlipVisualQuestionAnsweringPipeline
+
+# Makes `import transformers_blip` fail, as on a machine where the package is not installed.
+WITHOUT_PACKAGE = "import sys; sys.modules['transformers_blip'] = None\n"
+
+
+def run_without_package(code: str) -> dict:
+    """Runs `code` in a new interpreter that cannot import transformers_blip; its last stdout line is JSON."""
+    program = WITHOUT_PACKAGE + textwrap.dedent(code)
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def saved_captioner(tmp_path, config, processor):
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path / "captioner")
+    processor.save_pretrained(tmp_path / "captioner")
+    return model, tmp_path / "captioner"
+
+
+@pytest.fixture
+def saved_vqa(tmp_path, config, processor):
+    torch.manual_seed(0)
+    model = BlipForQuestionAnswering(config).eval()
+    model.save_pretrained(tmp_path / "vqa")
+    processor.save_pretrained(tmp_path / "vqa")
+    return model, tmp_path / "vqa"
+
+
+def test_saved_directory_contents(saved_captioner):
+    _, path = saved_captioner
+    files = {p.name for p in path.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "pipelines.py", "README.md"} <= files
+    assert {"modeling_blip.py", "modeling_med.py", "modeling_vision.py", "configuration_blip.py"} <= files
+    config = json.loads((path / "config.json").read_text())
+    assert config["custom_pipelines"]["image-to-text"]["impl"] == "pipelines.BlipImageToTextPipeline"
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_blip.BlipForConditionalGeneration"
+    assert "pipeline_tag: image-to-text" in (path / "README.md").read_text()
+
+
+def test_auto_classes_load_our_heads_with_the_package(saved_captioner, saved_vqa, tmp_path, config):
+    model, path = saved_captioner
+    assert type(AutoConfig.from_pretrained(path)).__name__ == "BlipConfig"
+    loaded = AutoModelForImageTextToText.from_pretrained(path)
+    assert isinstance(loaded, BlipForConditionalGeneration)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor)
+    assert isinstance(AutoModelForVisualQuestionAnswering.from_pretrained(saved_vqa[1]), BlipForQuestionAnswering)
+    BlipModel(config).save_pretrained(tmp_path / "features")
+    assert isinstance(AutoModel.from_pretrained(tmp_path / "features"), BlipModel)
+
+
+def test_remote_code_captions_without_the_package(saved_captioner, tmp_path):
+    """A fresh process without transformers_blip: Auto class + pipeline("image-to-text") from the saved files only."""
+    model, path = saved_captioner
+    image = random_image(0)
+    image.save(tmp_path / "image.png")
+    out = run_without_package(
+        f"""
+        import json, torch
+        from PIL import Image
+        from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+        path = {str(path)!r}
+        model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+        inputs = processor(images=Image.open({str(tmp_path / "image.png")!r}), return_tensors="pt")
+        ids = model.generate(inputs.pixel_values, num_beams=1, max_length=10).tolist()
+        captioner = pipeline("image-to-text", model=path, trust_remote_code=True)
+        result = captioner(Image.open({str(tmp_path / "image.png")!r}))
+        print(json.dumps({{"class": type(model).__module__, "ids": ids, "result": result}}))
+        """
+    )
+    assert out["class"].startswith("transformers_modules")
+    assert isinstance(out["result"], list) and len(out["result"]) == 1
+    assert set(out["result"][0]) == {"generated_text"} and isinstance(out["result"][0]["generated_text"], str)
+    # The child's generation equals ours on the same processed image.
+    local = pipeline("image-to-text", model=str(path), pipeline_class=BlipImageToTextPipeline)
+    pixels = local.processor(images=image, return_tensors="pt").pixel_values
+    assert model.generate(pixels, num_beams=1, max_length=10).tolist() == out["ids"]
+    assert local(image) == out["result"]
+
+
+def test_remote_code_answers_questions_without_the_package(saved_vqa):
+    _, path = saved_vqa
+    out = run_without_package(
+        f"""
+        import json
+        import numpy as np
+        from PIL import Image
+        from transformers import pipeline
+        image = Image.fromarray(np.full((40, 40, 3), 200, dtype=np.uint8))
+        vqa = pipeline("visual-question-answering", model={str(path)!r}, trust_remote_code=True)
+        generated = vqa(image=image, question="what colour is the square ?", top_k=2)
+        ranked = vqa(image=image, question="what colour is the square ?", candidates=["red", "blue", "green"], top_k=3)
+        print(json.dumps({{"generated": generated, "ranked": ranked}}))
+        """
+    )
+    assert len(out["generated"]) == 2 and all(set(a) == {"answer", "score"} for a in out["generated"])
+    assert out["generated"][0]["score"] >= out["generated"][1]["score"]
+    assert sorted(a["answer"] for a in out["ranked"]) == ["blue", "green", "red"]
+    scores = [a["score"] for a in out["ranked"]]
+    assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1
+
+
+def test_image_text_to_text_with_a_prompt(saved_captioner):
+    """transformers' own `image-text-to-text` pipeline works with our captioner and a text prompt."""
+    model, path = saved_captioner
+    pipe = pipeline("image-text-to-text", model=str(path))
+    result = pipe(images=random_image(1), text="a picture of", generate_kwargs={"num_beams": 1, "max_length": 12})
+    assert result[0]["input_text"] == "a picture of"
+    assert result[0]["generated_text"].startswith("a picture of")
+    ours = pipeline("image-to-text", model=str(path), pipeline_class=BlipImageToTextPipeline)
+    stripped = ours(random_image(1), prompt="a picture of", num_beams=1, max_length=12)[0]["generated_text"]
+    # Same caption, up to how the decoder spaces punctuation.
+    assert result[0]["generated_text"].replace(" ", "") == f"a picture of {stripped}".replace(" ", "")
+
+
+def test_pipeline_class_without_remote_code(saved_captioner, saved_vqa):
+    captioner = pipeline("image-to-text", model=str(saved_captioner[1]), pipeline_class=BlipImageToTextPipeline)
+    batch = captioner([random_image(2), random_image(3)], num_beams=1, max_length=8)
+    assert len(batch) == 2 and all(len(item) == 1 and "generated_text" in item[0] for item in batch)
+    vqa = pipeline(
+        "visual-question-answering", model=str(saved_vqa[1]), pipeline_class=BlipVisualQuestionAnsweringPipeline
+    )
+    with pytest.raises(ValueError, match="image=... and question="):
+        vqa(image=random_image(4))
+
+
+def test_push_to_hub_uploads_everything_with_a_model_card(saved_captioner, monkeypatch):
+    """Everything up to the network: the repo is created and the folder uploaded holds weights, code and card."""
+    model, _ = saved_captioner
+    calls = {}
+
+    class Repo:
+        repo_id = "someone/blip-captioner"
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = repo_id
+        return Repo()
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        from pathlib import Path
+
+        folder = Path(folder_path)
+        calls["files"] = {p.name for p in folder.iterdir()}
+        calls["card"] = (folder / "README.md").read_text()
+        calls["config"] = json.loads((folder / "config.json").read_text())
+        return "uploaded"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    assert model.push_to_hub("blip-captioner") == "uploaded"
+    assert calls["create_repo"] == "blip-captioner"
+    assert {"model.safetensors", "config.json", "pipelines.py", "modeling_blip.py", "README.md"} <= calls["files"]
+    assert "pipeline_tag: image-to-text" in calls["card"] and "someone/blip-captioner" in calls["card"]
+    assert "image-to-text" in calls["config"]["custom_pipelines"]
