@@ -114,6 +114,16 @@ def test_cached_generation_equals_recomputation(config, pixel_values):
 
 
 @torch.no_grad()
+def test_padded_prompts_are_refused(config, pixel_values, tokenizer):
+    model = BlipForConditionalGeneration(config).eval()
+    prompts = tokenizer(["a picture of", "a photo", "a"], padding=True, return_tensors="pt")
+    with pytest.raises(ValueError, match="padded input_ids"):
+        model.generate(pixel_values, input_ids=prompts.input_ids, attention_mask=prompts.attention_mask)
+    with pytest.raises(ValueError, match="3 images but 2 prompts"):
+        model.generate(pixel_values, input_ids=prompts.input_ids[:2])
+
+
+@torch.no_grad()
 def test_sampling_returns_several_captions_per_image(config, pixel_values):
     torch.manual_seed(0)
     model = BlipForConditionalGeneration(config).eval()

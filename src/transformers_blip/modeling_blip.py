@@ -355,6 +355,9 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
             return torch.full((batch_size, 1), dec_id, dtype=torch.long, device=device), None
         if input_ids.shape[0] != batch_size:
             raise ValueError(f"got {batch_size} images but {input_ids.shape[0]} prompts (input_ids)")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            # Positions count from the first token, so a padded prompt would shift its continuation.
+            raise ValueError("prompts of different lengths (padded input_ids) are not supported: group them by length")
         if bool((input_ids[:, -1] == self.config.text_config.sep_token_id).all()):
             input_ids = input_ids[:, :-1]
             attention_mask = attention_mask[:, :-1] if attention_mask is not None else None
