@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import BertTokenizerFast, BlipImageProcessorPil, BlipProcessor
+from transformers import BertTokenizerFast
 
-from transformers_blip import BlipConfig, BlipTextConfig, BlipVisionConfig
+from transformers_blip import BlipConfig, BlipImageTextProcessor, BlipTextConfig, BlipVisionConfig, build_processor
 
 WORDS = (
     "a picture of photo red blue green yellow square circle triangle small big left right "
@@ -67,8 +67,8 @@ def tokenizer() -> BertTokenizerFast:
 
 
 @pytest.fixture
-def processor(tokenizer) -> BlipProcessor:
-    return BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+def processor(tokenizer) -> BlipImageTextProcessor:
+    return build_processor(tokenizer, image_size=32)
 
 
 @pytest.fixture

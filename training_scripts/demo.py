@@ -12,33 +12,30 @@ import os
 import numpy as np
 import torch
 from PIL import Image
-from transformers import BertTokenizerFast, BlipImageProcessorPil, BlipProcessor, pipeline
+from transformers import pipeline
 
-from transformers_blip import BlipConfig, BlipForConditionalGeneration, BlipTextConfig, BlipVisionConfig
+from transformers_blip import (
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipImageTextProcessor,
+    BlipTextConfig,
+    BlipVisionConfig,
+    build_processor,
+    build_tokenizer,
+    text_config_token_kwargs,
+)
 
 WORDS = "a picture of red green blue square circle triangle small big left right on the".split()
 
 
-def build_processor(image_size: int) -> BlipProcessor:
-    """A WordPiece tokenizer over a few words, with BLIP's [DEC] and [ENC] as its last two ids."""
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})
-    tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
-    image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
-    return BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
-
-
-def build_model(processor: BlipProcessor, image_size: int) -> BlipForConditionalGeneration:
-    tokenizer = processor.tokenizer
+def build_model(processor: BlipImageTextProcessor, image_size: int) -> BlipForConditionalGeneration:
     text_config = BlipTextConfig(
-        vocab_size=len(tokenizer),
+        **text_config_token_kwargs(processor),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=40,
-        pad_token_id=tokenizer.pad_token_id,
-        sep_token_id=tokenizer.sep_token_id,
     )
     vision_config = BlipVisionConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=image_size
@@ -58,7 +55,9 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    processor = build_processor(args.image_size)
+    # A WordPiece vocabulary trained on a few words; BLIP's [DEC] and [ENC] are its last two ids.
+    tokenizer = build_tokenizer(corpus=[" ".join(WORDS)] * 4, vocab_size=64)
+    processor = build_processor(tokenizer, image_size=args.image_size)
     model = build_model(processor, args.image_size)
     save_dir = os.path.join(args.output_dir, "captioner")
     model.save_pretrained(save_dir)

@@ -5,13 +5,16 @@ directory loads with `AutoModel...from_pretrained(path)` without `trust_remote_c
 """
 
 from transformers import (
+    IMAGE_PROCESSOR_MAPPING,
     AutoConfig,
     AutoModel,
     AutoModelForImageTextToText,
     AutoModelForVisualQuestionAnswering,
+    AutoProcessor,
 )
 
 from .configuration_blip import BlipConfig, BlipTextConfig, BlipVisionConfig
+from .image_processing_blip import BlipImageProcessorAnyMode
 from .modeling_blip import (
     BlipAnswerRanking,
     BlipCaptionOutput,
@@ -26,6 +29,13 @@ from .modeling_blip import (
 )
 from .modeling_med import BlipTextLMHeadModel, BlipTextModel, ImageKeyValues
 from .modeling_vision import BlipVisionModel
+from .processing_blip import (
+    BlipImageTextProcessor,
+    build_processor,
+    build_tokenizer,
+    decode_captions,
+    text_config_token_kwargs,
+)
 
 __version__ = "0.1.0"
 
@@ -38,6 +48,11 @@ def _register_with_auto_classes() -> None:
     AutoModel.register(BlipTextConfig, BlipTextModel, exist_ok=True)
     AutoModelForImageTextToText.register(BlipConfig, BlipForConditionalGeneration, exist_ok=True)
     AutoModelForVisualQuestionAnswering.register(BlipConfig, BlipForQuestionAnswering, exist_ok=True)
+    # AutoImageProcessor.register would look transformers' own "BlipConfig" up by name and keep its class for the
+    # torchvision backend, so ours goes into the mapping directly, for both backends.
+    any_mode = {"pil": BlipImageProcessorAnyMode, "torchvision": BlipImageProcessorAnyMode}
+    IMAGE_PROCESSOR_MAPPING.register(BlipConfig, any_mode, exist_ok=True)
+    AutoProcessor.register(BlipConfig, BlipImageTextProcessor, exist_ok=True)
     # Saved directories carry an `auto_map` and our source files, for loading with trust_remote_code=True where
     # this package is not installed.
     BlipConfig.register_for_auto_class()
@@ -55,6 +70,8 @@ __all__ = [
     "BlipForConditionalGeneration",
     "BlipForImageTextRetrieval",
     "BlipForQuestionAnswering",
+    "BlipImageProcessorAnyMode",
+    "BlipImageTextProcessor",
     "BlipModel",
     "BlipOutput",
     "BlipPreTrainedModel",
@@ -66,4 +83,8 @@ __all__ = [
     "BlipVisionConfig",
     "BlipVisionModel",
     "ImageKeyValues",
+    "build_processor",
+    "build_tokenizer",
+    "decode_captions",
+    "text_config_token_kwargs",
 ]

@@ -9,10 +9,14 @@ Text is tokenized as ordinary BERT text, `[CLS] ... [SEP]`: the models put `[DEC
 pairs it with the image processor, and `text_config_token_kwargs` gives a `BlipTextConfig` the matching ids.
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-from transformers import BertTokenizer, BlipProcessor, PreTrainedTokenizerBase
+from transformers import BertTokenizer, BlipProcessor, PreTrainedTokenizerBase, ProcessorMixin
+
+if TYPE_CHECKING:
+    import torch
 
 from .image_processing_blip import BlipImageProcessorAnyMode
 
@@ -26,6 +30,8 @@ def _read_vocab_file(vocab_file: str) -> dict[str, int]:
     """Maps each line of a BERT `vocab.txt` to its line number, which is the token's id."""
     with open(vocab_file, encoding="utf-8") as reader:
         tokens = [line.rstrip("\n") for line in reader]
+    while tokens and not tokens[-1]:  # a stray blank line at the end would shift [DEC] and [ENC] by one
+        tokens.pop()
     vocab = {}
     for token_id, token in enumerate(tokens):
         if token in vocab:
@@ -72,6 +78,8 @@ def build_tokenizer(
     """
     if (vocab_file is None) == (corpus is None):
         raise ValueError("Give exactly one of `vocab_file` (a BERT vocab.txt) or `corpus` (texts to train on).")
+    if isinstance(corpus, str):
+        raise ValueError("`corpus` must be an iterable of texts, not a single string.")
     if vocab_file is not None:
         vocab = _read_vocab_file(vocab_file)
     else:
@@ -91,16 +99,16 @@ def check_blip_special_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
     if found != expected:
         raise ValueError(
             f"BLIP expects {DECODER_BOS_TOKEN} and {ENCODER_TOKEN} to be the last two ids {list(expected.values())} "
-            f"of its {len(tokenizer)}-token vocabulary, found {found}. Remove them from the vocab file, or pass "
-            "`text_config_token_kwargs(tokenizer)` to the text config."
+            f"of its {len(tokenizer)}-token vocabulary, found {found}. A vocab file may end with them, in this "
+            "order, but must not list them anywhere else."
         )
 
 
-def _tokenizer_of(processor_or_tokenizer) -> PreTrainedTokenizerBase:
+def _tokenizer_of(processor_or_tokenizer: ProcessorMixin | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     return getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
 
 
-def text_config_token_kwargs(processor_or_tokenizer) -> dict[str, int]:
+def text_config_token_kwargs(processor_or_tokenizer: ProcessorMixin | PreTrainedTokenizerBase) -> dict[str, int]:
     """The token ids a `BlipTextConfig` needs to match a tokenizer: `BlipTextConfig(**text_config_token_kwargs(tok))`.
 
     Returns `vocab_size`, `pad_token_id`, `sep_token_id` (ends generation), `decoder_bos_token_id` (`[DEC]`) and
@@ -120,7 +128,11 @@ def text_config_token_kwargs(processor_or_tokenizer) -> dict[str, int]:
     }
 
 
-def decode_captions(processor_or_tokenizer, generated_ids, prompt: str | None = None) -> list[str]:
+def decode_captions(
+    processor_or_tokenizer: ProcessorMixin | PreTrainedTokenizerBase,
+    generated_ids: "torch.Tensor | Sequence[Sequence[int]]",
+    prompt: str | None = None,
+) -> list[str]:
     """Turns the output of `generate` (`[DEC]`, the prompt, the caption, `[SEP]`, pads) into caption strings.
 
     Special tokens are dropped and, when a prompt is given, its text is removed from the start of each caption (as
@@ -193,7 +205,9 @@ class BlipImageTextProcessor(BlipProcessor):
                 "many texts as images (or process images and texts in separate calls to compare all of them)."
             )
 
-    def decode_captions(self, generated_ids, prompt: str | None = None) -> list[str]:
+    def decode_captions(
+        self, generated_ids: "torch.Tensor | Sequence[Sequence[int]]", prompt: str | None = None
+    ) -> list[str]:
         """Captions from `generate`'s output, special tokens and the prompt removed (see [`decode_captions`])."""
         return decode_captions(self.tokenizer, generated_ids, prompt=prompt)
 
