@@ -22,7 +22,9 @@ def build_models(seed: int = 0):
     config = BlipConfig()  # the base model at 384px
     torch.manual_seed(seed)
     ours = BlipForConditionalGeneration(config).eval()
-    theirs = transformers.BlipForConditionalGeneration(transformers.BlipConfig.from_dict(config.to_transformers_dict()))
+    theirs = transformers.BlipForConditionalGeneration(
+        transformers.BlipConfig.from_dict(config.to_transformers_dict())
+    )
     theirs.load_state_dict(ours.state_dict(), strict=False)
     return ours, theirs.eval()
 
