@@ -290,7 +290,8 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
     """Image captioning: the ViT and the image-grounded decoder.
 
     `generate` returns token ids that start with the prompt (as every decoder-only model in transformers does);
-    `BlipImageTextProcessor.decode_captions` drops it. The defaults are the paper's: beam search with 3 beams, 5 to 20 tokens.
+    `BlipImageTextProcessor.decode_captions` drops it. The defaults are the paper's: beam search with 3 beams, 5 to
+    20 tokens.
     """
 
     main_input_name = "pixel_values"
