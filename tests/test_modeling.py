@@ -271,3 +271,22 @@ def test_bf16_forward_and_generate_have_no_nan(config, pixel_values, text_ids, h
         scores = retrieval(text_ids, pixels).itm_logits
     assert torch.isfinite(logits.float()).all() and torch.isfinite(scores.float()).all()
     assert ids.shape[0] == 3 and ids.shape[1] >= 5
+
+
+def test_vqa_answer_decoder_reads_question_width(tokenizer):
+    """With a ViT wider than the text model (as ViT-L with BERT-base), the answer decoder still fits the question."""
+    from conftest import make_config
+
+    config = make_config()
+    config.vision_config.hidden_size = 48
+    config = type(config)(text_config=config.text_config.to_dict(), vision_config=config.vision_config.to_dict())
+    torch.manual_seed(0)
+    model = BlipForQuestionAnswering(config).eval()
+    assert model.text_encoder.encoder.layer[0].crossattention.self.key.in_features == 48
+    assert model.text_decoder.bert.encoder.layer[0].crossattention.self.key.in_features == 32
+    questions = tokenizer(["what colour ?"] * 2, return_tensors="pt")
+    answers = tokenizer(["red", "blue"], return_tensors="pt")
+    pixels = torch.randn(2, 3, 32, 32)
+    loss = model(questions.input_ids, pixels, answer_input_ids=answers.input_ids).loss
+    assert torch.isfinite(loss)
+    assert model.generate(questions.input_ids, pixels, max_length=6).shape[0] == 2

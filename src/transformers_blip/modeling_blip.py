@@ -482,7 +482,10 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.vision_model = BlipVisionModel(config.vision_config)
         self.text_encoder = BlipTextModel(config.text_config)
-        self.text_decoder = BlipTextLMHeadModel(config.text_config)
+        # The answer decoder cross-attends to the question states, so its keys/values read the text width.
+        answer_config = copy.deepcopy(config.text_config)
+        answer_config.encoder_hidden_size = config.text_config.hidden_size
+        self.text_decoder = BlipTextLMHeadModel(answer_config)
         self.post_init()
         self.generation_config = default_generation_config(config, max_length=10, min_length=1, num_beams=3)
 

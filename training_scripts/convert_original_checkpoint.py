@@ -1,0 +1,109 @@
+"""Converts an original Salesforce BLIP checkpoint (`.pth`) into a model directory, or a model directory back.
+
+Original -> ours (a directory that `from_pretrained` loads, plus `conversion_report.json`; with `--vocab_file`,
+bert-base-uncased's `vocab.txt`, also the processor, so that pipelines work on the directory):
+
+    python training_scripts/convert_original_checkpoint.py \
+        --checkpoint model_base_caption_capfilt_large.pth --output blip-captioning-base --vocab_file vocab.txt
+    python training_scripts/convert_original_checkpoint.py \
+        --checkpoint model_base.pth --head retrieval --image_size 384 --output blip-retrieval-from-pretraining
+
+Original -> transformers' own BLIP layout (what the hub's `Salesforce/blip-*` repos hold): add `--transformers_layout`.
+
+Ours -> original (`{"model": state_dict}`, which the original code's `load_checkpoint` reads):
+
+    python training_scripts/convert_original_checkpoint.py --to_original --checkpoint blip-captioning-base \
+        --output model_caption.pth
+
+What was dropped, resized or missing is printed and saved in the report; see docs/checkpoints.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
+
+from transformers_blip import BlipConfig, build_processor, build_tokenizer
+from transformers_blip.convert.original import HEADS, load_original_checkpoint, save_original_checkpoint
+from transformers_blip.convert.transformers_layout import save_in_transformers_layout
+
+
+@dataclass
+class ConversionArguments:
+    checkpoint: str = field(metadata={"help": "An original .pth file, or a model directory with --to_original."})
+    output: str = field(metadata={"help": "The model directory to write, or the .pth file with --to_original."})
+    head: str = field(
+        default="auto",
+        metadata={
+            "help": f"auto (from the checkpoint) or one of {', '.join(HEADS)}; pretraining checkpoints need one."
+        },
+    )
+    image_size: int | None = field(
+        default=None, metadata={"help": "Input size of the model; ViT position embeddings are resized to it."}
+    )
+    config: str | None = field(
+        default=None, metadata={"help": "A config.json or model directory to use instead of inferring the config."}
+    )
+    vocab_file: str | None = field(
+        default=None, metadata={"help": "A BERT vocab.txt (bert-base-uncased's): also save BLIP's processor."}
+    )
+    transformers_layout: bool = field(
+        default=False, metadata={"help": "Write transformers' own BLIP layout instead of ours."}
+    )
+    to_original: bool = field(default=False, metadata={"help": "Convert a model directory into an original .pth."})
+
+
+def export_original(args: ConversionArguments) -> None:
+    config = BlipConfig.from_pretrained(args.checkpoint)
+    head_classes = {head_class.__name__: head_class for head_class in HEADS.values()}
+    architecture = (config.architectures or ["?"])[0]
+    if architecture not in head_classes:
+        raise SystemExit(f"{args.checkpoint}: architecture {architecture} is not one of {sorted(head_classes)}")
+    save_original_checkpoint(head_classes[architecture].from_pretrained(args.checkpoint), args.output)
+    print(f"wrote {args.output}")
+
+
+def save_processor(vocab_file: str, config: BlipConfig, output: str) -> None:
+    tokenizer = build_tokenizer(vocab_file=vocab_file)
+    if len(tokenizer) != config.text_config.vocab_size:
+        raise SystemExit(
+            f"{vocab_file} gives {len(tokenizer)} tokens with [DEC] and [ENC], the model has "
+            f"{config.text_config.vocab_size}: not the vocabulary this checkpoint was trained with"
+        )
+    build_processor(tokenizer, image_size=config.vision_config.image_size).save_pretrained(output)
+
+
+def import_original(args: ConversionArguments) -> None:
+    config = BlipConfig.from_pretrained(args.config) if args.config else None
+    model, report = load_original_checkpoint(args.checkpoint, args.head, args.image_size, config)
+    if args.vocab_file:
+        save_processor(args.vocab_file, model.config, args.output)
+    if args.transformers_layout:
+        save_in_transformers_layout(model, args.output)
+    else:
+        model.save_pretrained(args.output)
+    with open(os.path.join(args.output, "conversion_report.json"), "w", encoding="utf-8") as f:
+        json.dump(report.to_dict(), f, indent=2)
+    print(report.summary())
+    print(f"wrote {args.output}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    (args,) = HfArgumentParser(ConversionArguments).parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        if args.to_original:
+            export_original(args)
+        else:
+            import_original(args)
+    except (ValueError, NotImplementedError) as error:  # checkpoints we cannot convert: say why, without a traceback
+        raise SystemExit(f"error: {error}") from error
+
+
+if __name__ == "__main__":
+    main()
