@@ -1,0 +1,528 @@
+"""Loaders for the annotation formats people have: BLIP's JSON files, image folders, parquet.
+
+Each returns a `datasets.Dataset` whose image columns hold `datasets.Image(decode=False)` values (a path or the
+bytes), so nothing is decoded until a sample is used, in a DataLoader worker, by `DecodeImages`, which skips and
+counts what cannot be decoded. Text is cleaned here, as BLIP cleans it (`pre_caption`, `pre_question`), and
+records that cannot be used (malformed JSON, non-UTF-8 text, empty captions, missing fields) are skipped and
+recorded in the `SkipReport` (or raise, in strict mode). Web-scale formats stream: see `streaming.py`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, Features, IterableDataset, List, Value
+from datasets import Image as ImageFeature
+
+from .decoding import decode_text, parse_json
+from .skips import BadSampleError, SkipReport
+from .text import MAX_WORDS, pre_caption, pre_question
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _report_or_default(report: SkipReport | None) -> SkipReport:
+    return report if report is not None else SkipReport()
+
+
+def _warn_if_skipped(report: SkipReport, before: int, what: str) -> None:
+    skipped = len(report) - before
+    if skipped:
+        logger.warning(f"{what}: skipped {skipped} records. {report.summary()}")
+
+
+# Bytes that are not UTF-8, as `errors="surrogateescape"` keeps them: lone surrogates U+DC80..U+DCFF.
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+
+
+def _has_undecodable_text(value: Any) -> bool:
+    if isinstance(value, str):
+        return _UNDECODABLE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_undecodable_text(item) for item in value.values())
+    if isinstance(value, list):
+        return any(_has_undecodable_text(item) for item in value)
+    return False
+
+
+def _checked(record: Any, source: str) -> Any:
+    if _has_undecodable_text(record):
+        raise BadSampleError(source, "bad_text_encoding", "text that is not UTF-8")
+    return record
+
+
+def read_annotations(path: PathLike, report: SkipReport) -> Iterator[tuple[str, Any]]:
+    """(source, record) for every record of a JSON list file or a JSON-lines (`.jsonl`) file.
+
+    The source names the file and the position (`file:index` for lists, `file:line` for lines). A record holding
+    bytes that are not UTF-8 is skipped alone (the file is read with those bytes kept aside, not replaced), as is a
+    malformed line of a JSON-lines file; a JSON list that does not parse is skipped whole. A missing file raises
+    `FileNotFoundError`: a wrong path is a mistake in the command, not a bad sample.
+    """
+    path = os.fspath(path)
+    text = Path(path).read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    if path.endswith(".jsonl"):
+        lines = ((f"{path}:{number}", line) for number, line in enumerate(text.splitlines(), start=1))
+        parsed = ((source, line) for source, line in lines if line.strip())
+    else:
+        parsed = iter([(path, text)])
+    for source, chunk in parsed:
+        try:
+            records = parse_json(chunk, source)
+        except BadSampleError as error:
+            report.record(error)
+            continue
+        if path.endswith(".jsonl"):
+            records = [(source, records)]
+        else:
+            if isinstance(records, dict):  # some releases wrap the list, e.g. {"annotations": [...]}
+                records = next((value for value in records.values() if isinstance(value, list)), [])
+            records = [(f"{path}:{index}", record) for index, record in enumerate(records)]
+        for record_source, record in records:
+            try:
+                yield record_source, _checked(record, record_source)
+            except BadSampleError as error:
+                report.record(error)
+
+
+def _field(record: Any, name: str, source: str, expected: type | tuple[type, ...] = object) -> Any:
+    """`record[name]`, or `BadSampleError(missing_field)` if the record lacks it or it has the wrong type."""
+    if not isinstance(record, dict) or record.get(name) is None:
+        raise BadSampleError(source, "missing_field", f"no {name!r}")
+    if not isinstance(record[name], expected):
+        raise BadSampleError(source, "missing_field", f"{name!r} is a {type(record[name]).__name__}")
+    return record[name]
+
+
+def clean_caption(text: Any, source: str, max_words: int) -> str:
+    """`pre_caption`, raising `BadSampleError` for a caption that is not text or has no words."""
+    if isinstance(text, bytes):
+        text = decode_text(text, source)
+    if not isinstance(text, str):
+        raise BadSampleError(source, "missing_field", f"caption is {type(text).__name__}, not text")
+    caption = pre_caption(text, max_words)
+    if not caption:
+        raise BadSampleError(source, "empty_caption")
+    return caption
+
+
+def _clean_caption_list(texts: Any, source: str, max_words: int, report: SkipReport) -> list[str]:
+    """Clean every caption of a list, skipping (and recording) the empty ones."""
+    if isinstance(texts, str):
+        texts = [texts]
+    captions = []
+    for index, text in enumerate(texts):
+        try:
+            captions.append(clean_caption(text, f"{source}#{index}", max_words))
+        except BadSampleError as error:
+            report.record(error)
+    if not captions:
+        raise BadSampleError(source, "empty_caption", "no usable caption")
+    return captions
+
+
+def _image_value(path: str, image_root: PathLike | None) -> dict:
+    """A `datasets.Image(decode=False)` value pointing at the file."""
+    full_path = os.path.join(image_root, path) if image_root is not None else path
+    return {"bytes": None, "path": os.fspath(full_path)}
+
+
+def _numeric_id(value: Any) -> int | None:
+    """An integer id from an int, or from the last run of digits of a string ('coco_391895', 'x_000391895.jpg')."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    digits = re.findall(r"\d+", str(value))
+    return int(digits[-1]) if digits else None
+
+
+def _integer_ids(keys: Sequence[Any]) -> list[int]:
+    """Numeric ids where every key has one, else consecutive ids in order of first appearance."""
+    numeric = [_numeric_id(key) for key in keys]
+    if all(value is not None for value in numeric):
+        return numeric
+    first_seen: dict[Any, int] = {}
+    return [first_seen.setdefault(str(key), len(first_seen)) for key in keys]
+
+
+def _extras(record: dict, extra_fields: Sequence[str]) -> dict:
+    return {name: record.get(name) for name in extra_fields}
+
+
+def _as_dataset(rows: list[dict], features: Features, extra_fields: Sequence[str]) -> Dataset:
+    """A Dataset with `features` for the standard columns; extra fields keep the types inferred from the data."""
+    columns = {name: [row.get(name) for row in rows] for name in [*features, *extra_fields]}
+    inferred = Dataset.from_dict({name: columns[name] for name in extra_fields}).features if extra_fields else {}
+    return Dataset.from_dict(columns, features=Features({**features, **inferred}))
+
+
+_PAIR_FEATURES = Features({"image": ImageFeature(decode=False), "caption": Value("string")})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# COCO / Flickr30K Karpathy splits, BLIP's pretraining lists
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_coco_karpathy(
+    annotation_file: PathLike,
+    image_root: PathLike,
+    max_words: int = MAX_WORDS["caption"],
+    report: SkipReport | None = None,
+) -> Dataset:
+    """A COCO- or Flickr30K-Karpathy annotation file as BLIP releases it (`coco_karpathy_train.json`, ...).
+
+    Training files list `{"image", "caption", "image_id"}`, one caption per record: the dataset has columns
+    image, caption, image_id. Evaluation files list `{"image", "caption": [...]}`, one image per record: the
+    dataset has image, captions, image_id. Ids are the numbers in `image_id` ("coco_391895" -> 391895) or, when
+    absent, in the file name, as the original derives them; consecutive ids when neither has a number.
+    """
+    report = _report_or_default(report)
+    before = len(report)
+    rows, id_keys = [], []
+    for source, record in read_annotations(annotation_file, report):
+        try:
+            image = _image_value(_field(record, "image", source, str), image_root)
+            captions = _field(record, "caption", source)
+            if isinstance(captions, list):
+                row = {"image": image, "captions": _clean_caption_list(captions, source, max_words, report)}
+            else:
+                row = {"image": image, "caption": clean_caption(captions, source, max_words)}
+        except BadSampleError as error:
+            report.record(error)
+            continue
+        rows.append(row)
+        id_keys.append(record.get("image_id", os.path.basename(record["image"])))
+    _warn_if_skipped(report, before, str(annotation_file))
+    for row, image_id in zip(rows, _integer_ids(id_keys)):
+        row["image_id"] = image_id
+    is_eval = bool(rows) and "captions" in rows[0]
+    text_feature = {"captions": List(Value("string"))} if is_eval else {"caption": Value("string")}
+    features = Features({"image": ImageFeature(decode=False), **text_feature, "image_id": Value("int64")})
+    return _as_dataset(rows, features, ())
+
+
+def load_caption_json(
+    annotation_files: PathLike | Sequence[PathLike],
+    image_root: PathLike | None = None,
+    max_words: int = MAX_WORDS["pretrain"],
+    extra_fields: Sequence[str] = (),
+    report: SkipReport | None = None,
+) -> Dataset:
+    """BLIP's pretraining lists, `[{"image": path, "caption": text}, ...]`, several files mixed into one dataset.
+
+    Columns: image, caption, plus `extra_fields` copied from the records (None where missing). Files may be JSON
+    lists or JSON lines. Paths are taken as written, or under `image_root` when given.
+    """
+    files = [annotation_files] if isinstance(annotation_files, (str, os.PathLike)) else list(annotation_files)
+    report = _report_or_default(report)
+    before = len(report)
+    rows = []
+    for annotation_file in files:
+        for source, record in read_annotations(annotation_file, report):
+            try:
+                image = _image_value(_field(record, "image", source, str), image_root)
+                caption = clean_caption(_field(record, "caption", source), source, max_words)
+            except BadSampleError as error:
+                report.record(error)
+                continue
+            rows.append({"image": image, "caption": caption, **_extras(record, extra_fields)})
+    _warn_if_skipped(report, before, ", ".join(map(str, files)))
+    return _as_dataset(rows, _PAIR_FEATURES, extra_fields)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Image folder with metadata.jsonl
+# ---------------------------------------------------------------------------------------------------------------
+
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+_TEXT_FIELDS = ("caption", "text")
+
+
+def _clean_metadata_text(record: dict, source: str, max_words: int, report: SkipReport) -> dict:
+    row = dict(record)
+    for name in _TEXT_FIELDS:
+        if name in row:
+            row[name] = clean_caption(row[name], source, max_words)
+    if "captions" in row:
+        row["captions"] = _clean_caption_list(row["captions"], source, max_words, report)
+    return row
+
+
+def load_image_folder(
+    folder: PathLike, max_words: int = MAX_WORDS["pretrain"], report: SkipReport | None = None
+) -> Dataset:
+    """A folder of images with a `metadata.jsonl`, as datasets' imagefolder convention has it.
+
+    Every metadata line is `{"file_name": ..., ...}`; its other fields become columns, with `caption`/`text`
+    (strings) and `captions` (lists) cleaned by `pre_caption`. Without a metadata file the dataset lists the
+    images alone. Unlike `load_dataset("imagefolder")`, a malformed or non-UTF-8 line skips that record, not the
+    whole folder.
+    """
+    folder = Path(folder)
+    report = _report_or_default(report)
+    before = len(report)
+    metadata_file = folder / "metadata.jsonl"
+    if not metadata_file.exists():
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_EXTENSIONS)
+        return Dataset.from_dict(
+            {"image": [{"bytes": None, "path": str(p)} for p in files]},
+            features=Features({"image": ImageFeature(decode=False)}),
+        )
+    rows = []
+    for source, record in read_annotations(metadata_file, report):
+        try:
+            file_name = _field(record, "file_name", source, str)
+            row = _clean_metadata_text(record, source, max_words, report)
+        except BadSampleError as error:
+            report.record(error)
+            continue
+        del row["file_name"]
+        rows.append({"image": {"bytes": None, "path": str(folder / file_name)}, **row})
+    _warn_if_skipped(report, before, str(metadata_file))
+    metadata_fields = [name for name in dict.fromkeys(name for row in rows for name in row) if name != "image"]
+    return _as_dataset(rows, Features({"image": ImageFeature(decode=False)}), metadata_fields)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parquet
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _readable_parquet_files(files: Sequence[PathLike], report: SkipReport) -> list[tuple[str, int]]:
+    """(path, number of rows) of every file whose footer reads; the others are reported."""
+    import pyarrow.parquet as pq
+
+    readable = []
+    for path in map(os.fspath, files):
+        try:
+            with pq.ParquetFile(path) as parquet_file:  # the footer alone: enough to catch a truncated file
+                readable.append((path, parquet_file.metadata.num_rows))
+        except Exception as error:
+            reason = "missing_file" if not os.path.exists(path) else "broken_shard"
+            report.record(BadSampleError(path, reason, str(error)))
+    return readable
+
+
+class _RowSources:
+    """Names row `index` of files read one after the other as `file:row`, without listing every row."""
+
+    def __init__(self, files: list[tuple[str, int]]):
+        self.paths = [path for path, _ in files]
+        self.starts = list(itertools.accumulate((num_rows for _, num_rows in files), initial=0))
+
+    def __getitem__(self, index: int) -> str:
+        file_index = bisect.bisect_right(self.starts, index) - 1
+        return f"{self.paths[file_index]}:{index - self.starts[file_index]}"
+
+
+def load_parquet(
+    files: PathLike | Sequence[PathLike],
+    image_columns: Sequence[str] = ("image",),
+    caption_column: str | None = "caption",
+    max_words: int = MAX_WORDS["pretrain"],
+    streaming: bool = False,
+    cache_dir: PathLike | None = None,
+    report: SkipReport | None = None,
+) -> Dataset | IterableDataset:
+    """Parquet files whose image columns hold image bytes (as `Dataset.to_parquet` writes an `Image` column, or a
+    plain binary column).
+
+    Unreadable files are skipped and reported; the caption column, if any, is cleaned with `pre_caption` and
+    rows whose caption is empty are skipped. With `streaming=True` files are read lazily, one file per shard, and
+    split across ranks and workers like webdataset shards (see `streaming.stream_parquet`).
+    """
+    files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
+    report = _report_or_default(report)
+    if streaming:
+        from .streaming import stream_parquet
+
+        return stream_parquet(files, image_columns, caption_column, max_words, report=report)
+    before = len(report)
+    readable = _readable_parquet_files(files, report)
+    if not readable:
+        raise FileNotFoundError(f"none of the parquet files could be read: {files}. {report.summary()}")
+    paths = [path for path, _ in readable]
+    dataset = Dataset.from_parquet(paths, cache_dir=os.fspath(cache_dir) if cache_dir else None)
+    for name in image_columns:
+        if name in dataset.column_names:
+            dataset = dataset.cast_column(name, ImageFeature(decode=False))
+    if caption_column is not None and caption_column in dataset.column_names:
+        dataset = _clean_caption_column(dataset, caption_column, max_words, _RowSources(readable), report)
+    _warn_if_skipped(report, before, ", ".join(paths))
+    return dataset
+
+
+def _clean_caption_column(
+    dataset: Dataset, caption_column: str, max_words: int, sources: _RowSources, report: SkipReport
+) -> Dataset:
+    """Replace the caption column by its cleaned text and drop the rows left without words."""
+    cleaned, keep = [], []
+    for index, text in enumerate(dataset[caption_column]):  # the column alone: no image is read
+        try:
+            cleaned.append(clean_caption(text, sources[index], max_words))
+            keep.append(index)
+        except BadSampleError as error:
+            report.record(error)
+            cleaned.append("")
+    # Swapping a column in is a metadata operation on the memory-mapped table; `select` adds an index mapping.
+    dataset = dataset.remove_columns(caption_column).add_column(caption_column, cleaned)
+    return dataset.select(keep) if len(keep) < len(cleaned) else dataset
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VQA and NLVR2, as BLIP releases their annotations
+# ---------------------------------------------------------------------------------------------------------------
+
+VG_ANSWER_WEIGHT = 0.2  # the weight BLIP gives Visual Genome's single answer
+
+_VQA_FEATURES = Features(
+    {
+        "image": ImageFeature(decode=False),
+        "question_id": Value("int64"),
+        "question": Value("string"),
+        "answers": List(Value("string")),
+        "unique_answers": List(Value("string")),
+        "answer_weights": List(Value("float64")),
+    }
+)
+
+
+def vqa_answer_weights(answers: Sequence[str]) -> tuple[list[str], list[float]]:
+    """The distinct answers (first-seen order) and their weights, count / number of answers, as BLIP trains."""
+    unique = list(dict.fromkeys(answers))
+    return unique, [answers.count(answer) / len(answers) for answer in unique]
+
+
+def _vqa_row(record: dict, source: str, image_roots: dict[str, PathLike | None], max_words: int) -> dict:
+    dataset_name = record.get("dataset", "vqa")
+    image = _image_value(_field(record, "image", source, str), image_roots.get(dataset_name, image_roots["vqa"]))
+    question = pre_question(str(_field(record, "question", source)), max_words)
+    if not question:
+        raise BadSampleError(source, "empty_caption", "empty question")
+    answer = record.get("answer", [])
+    if isinstance(answer, str):  # Visual Genome: one answer, a fixed weight
+        answers, unique, weights = [answer], [answer], [VG_ANSWER_WEIGHT]
+    else:
+        answers = [str(a) for a in answer]
+        unique, weights = vqa_answer_weights(answers) if answers else ([], [])
+    return {
+        "image": image,
+        "question": question,
+        "answers": answers,
+        "unique_answers": unique,
+        "answer_weights": weights,
+    }
+
+
+def load_vqa(
+    annotation_files: PathLike | Sequence[PathLike],
+    image_root: PathLike,
+    vg_image_root: PathLike | None = None,
+    max_words: int = MAX_WORDS["vqa"],
+    extra_fields: Sequence[str] = (),
+    report: SkipReport | None = None,
+) -> Dataset:
+    """VQA annotations as BLIP releases them (`vqa_train.json`, `vqa_val.json`, `vg_qa.json`, `vqa_test.json`).
+
+    Records are `{"question_id", "question", "answer", "image", "dataset"}`; `answer` is the list of ten
+    answers for VQA v2, a single string for Visual Genome (weight 0.2), absent for test questions. Columns:
+    image, question_id, question (`pre_question`), answers, unique_answers, answer_weights (count / len, BLIP's
+    training targets), plus `extra_fields`.
+    """
+    files = [annotation_files] if isinstance(annotation_files, (str, os.PathLike)) else list(annotation_files)
+    report = _report_or_default(report)
+    before = len(report)
+    image_roots = {"vqa": image_root, "vg": vg_image_root if vg_image_root is not None else image_root}
+    rows, question_ids = [], []
+    for annotation_file in files:
+        for source, record in read_annotations(annotation_file, report):
+            try:
+                row = _vqa_row(record, source, image_roots, max_words)
+            except BadSampleError as error:
+                report.record(error)
+                continue
+            rows.append({**row, **_extras(record, extra_fields)})
+            question_ids.append(record.get("question_id", source))
+    _warn_if_skipped(report, before, ", ".join(map(str, files)))
+    for row, question_id in zip(rows, _integer_ids(question_ids)):
+        row["question_id"] = question_id
+    return _as_dataset(rows, _VQA_FEATURES, extra_fields)
+
+
+def vqa_answer_list(dataset: Dataset, column: str = "answers", min_count: int = 1) -> list[str]:
+    """The candidate answers for rank inference, like BLIP's `answer_list.json`.
+
+    Every answer seen at least `min_count` times, most frequent first.
+    """
+    counts: dict[str, int] = {}
+    for answers in dataset[column]:
+        for answer in answers:
+            counts[answer] = counts.get(answer, 0) + 1
+    return [answer for answer, count in sorted(counts.items(), key=lambda item: -item[1]) if count >= min_count]
+
+
+_NLVR_FEATURES = Features(
+    {
+        "image0": ImageFeature(decode=False),
+        "image1": ImageFeature(decode=False),
+        "sentence": Value("string"),
+        "label": Value("int64"),
+    }
+)
+
+
+def _nlvr_label(value: Any, source: str) -> int:
+    if isinstance(value, bool) or value in (0, 1):
+        return int(value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return int(value.lower() == "true")
+    raise BadSampleError(source, "missing_field", f"label {value!r} is not True/False")
+
+
+def load_nlvr(
+    annotation_files: PathLike | Sequence[PathLike],
+    image_root: PathLike,
+    max_words: int = MAX_WORDS["nlvr"],
+    extra_fields: Sequence[str] = (),
+    report: SkipReport | None = None,
+) -> Dataset:
+    """NLVR2 annotations as BLIP releases them: `{"images": [left, right], "sentence", "label": "True"|"False"}`.
+
+    Columns: image0, image1, sentence (`pre_caption`, 40 words), label (1 for true), plus `extra_fields`.
+    """
+    files = [annotation_files] if isinstance(annotation_files, (str, os.PathLike)) else list(annotation_files)
+    report = _report_or_default(report)
+    before = len(report)
+    rows = []
+    for annotation_file in files:
+        for source, record in read_annotations(annotation_file, report):
+            try:
+                images = _field(record, "images", source, list)
+                if len(images) != 2 or not all(isinstance(image, str) for image in images):
+                    raise BadSampleError(source, "missing_field", "'images' is not a pair of paths")
+                row = {
+                    "image0": _image_value(images[0], image_root),
+                    "image1": _image_value(images[1], image_root),
+                    "sentence": clean_caption(_field(record, "sentence", source), source, max_words),
+                    "label": _nlvr_label(_field(record, "label", source), source),
+                }
+            except BadSampleError as error:
+                report.record(error)
+                continue
+            rows.append({**row, **_extras(record, extra_fields)})
+    _warn_if_skipped(report, before, ", ".join(map(str, files)))
+    return _as_dataset(rows, _NLVR_FEATURES, extra_fields)
