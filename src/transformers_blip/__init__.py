@@ -9,6 +9,7 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForImageTextToText,
+    AutoModelForPreTraining,
     AutoModelForVisualQuestionAnswering,
     AutoProcessor,
 )
@@ -28,6 +29,7 @@ from .modeling_blip import (
     BlipRetrievalOutput,
 )
 from .modeling_med import BlipTextLMHeadModel, BlipTextModel, ImageKeyValues
+from .modeling_pretraining import BlipForPreTraining, BlipForPreTrainingOutput
 from .modeling_vision import BlipVisionModel
 from .processing_blip import (
     BlipImageTextProcessor,
@@ -48,6 +50,7 @@ def _register_with_auto_classes() -> None:
     AutoModel.register(BlipTextConfig, BlipTextModel, exist_ok=True)
     AutoModelForImageTextToText.register(BlipConfig, BlipForConditionalGeneration, exist_ok=True)
     AutoModelForVisualQuestionAnswering.register(BlipConfig, BlipForQuestionAnswering, exist_ok=True)
+    AutoModelForPreTraining.register(BlipConfig, BlipForPreTraining, exist_ok=True)
     # AutoImageProcessor.register would look transformers' own "BlipConfig" up by name and keep its class for the
     # torchvision backend, so ours goes into the mapping directly, for both backends.
     any_mode = {"pil": BlipImageProcessorAnyMode, "torchvision": BlipImageProcessorAnyMode}
@@ -59,6 +62,7 @@ def _register_with_auto_classes() -> None:
     BlipModel.register_for_auto_class("AutoModel")
     BlipForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
     BlipForQuestionAnswering.register_for_auto_class("AutoModelForVisualQuestionAnswering")
+    BlipForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 
 
 _register_with_auto_classes()
@@ -69,6 +73,8 @@ __all__ = [
     "BlipConfig",
     "BlipForConditionalGeneration",
     "BlipForImageTextRetrieval",
+    "BlipForPreTraining",
+    "BlipForPreTrainingOutput",
     "BlipForQuestionAnswering",
     "BlipImageProcessorAnyMode",
     "BlipImageTextProcessor",

@@ -13,9 +13,10 @@ way in a test, on one GPU and under DDP.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 
 # Added to the sampling weights of hard negatives before positives are zeroed, as the original pretraining does, so
@@ -31,20 +32,59 @@ def rank_and_world_size() -> tuple[int, int]:
 
 
 @torch.no_grad()
-def gather_without_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenates `tensor` (B, ...) of every rank along dim 0 in rank order: (world_size * B, ...), no gradient.
+def gather_batch_sizes(batch_size: int, device: torch.device) -> list[int]:
+    """Every rank's batch size, in rank order (`[batch_size]` in a single process).
 
-    Every rank must pass the same shape. Without a process group (or with one process) it returns `tensor` itself.
+    Ranks may hold batches of different sizes (a last partial batch, a sample skipped because its image would not
+    decode); the gathers below take these sizes and pad and unpad around the collective.
+    """
+    _, world_size = rank_and_world_size()
+    if world_size == 1:
+        return [batch_size]
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size)]
+    dist.all_gather(sizes, torch.tensor([batch_size], dtype=torch.long, device=device))
+    return [int(size) for size in sizes]
+
+
+def _all_gather_padded(tensor: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """all_gather along dim 0 of tensors whose dim 0 differs between ranks: (sum(sizes), ...)."""
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return torch.cat([chunk[:size] for chunk, size in zip(gathered, sizes)], dim=0)
+
+
+@torch.no_grad()
+def gather_without_grad(tensor: torch.Tensor, sizes: Sequence[int] | None = None) -> torch.Tensor:
+    """Concatenates `tensor` (B_r, ...) of every rank r along dim 0 in rank order, without gradient.
+
+    `sizes` lists every rank's B_r (`gather_batch_sizes`); without it all ranks must pass the same shape. Without a
+    process group (or with one process) it returns `tensor` itself.
     """
     _, world_size = rank_and_world_size()
     if world_size == 1:
         return tensor
-    gathered = [torch.empty_like(tensor) for _ in range(world_size)]
-    dist.all_gather(gathered, tensor.contiguous())
-    return torch.cat(gathered, dim=0)
+    return _all_gather_padded(tensor, sizes if sizes is not None else [tensor.shape[0]] * world_size)
 
 
-def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0; the backward gives each rank the sum over ranks of the gradients of its own slice."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+        rank, _ = rank_and_world_size()
+        ctx.start, ctx.stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        return _all_gather_padded(tensor, sizes)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad_output = grad_output.contiguous()
+        dist.all_reduce(grad_output)  # every rank's loss may have used this rank's slice
+        return grad_output[ctx.start : ctx.stop], None
+
+
+def gather_with_grad(tensor: torch.Tensor, sizes: Sequence[int] | None = None) -> torch.Tensor:
     """Like `gather_without_grad`, but the result stays in the autograd graph.
 
     The backward pass sends every rank's gradient of a gathered slice back to the rank that produced it and sums them.
@@ -52,7 +92,7 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     _, world_size = rank_and_world_size()
     if world_size == 1:
         return tensor
-    return torch.cat(dist_nn.all_gather(tensor.contiguous()), dim=0)
+    return _AllGatherWithGrad.apply(tensor, sizes if sizes is not None else [tensor.shape[0]] * world_size)
 
 
 def diagonal_positives(batch_size: int, num_keys: int, offset: int, device: torch.device) -> torch.Tensor:
@@ -153,6 +193,7 @@ def itm_labels(batch_size: int, device: torch.device) -> torch.Tensor:
 
 __all__ = [
     "diagonal_positives",
+    "gather_batch_sizes",
     "gather_with_grad",
     "gather_without_grad",
     "itc_loss",

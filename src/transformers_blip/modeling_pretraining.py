@@ -33,6 +33,7 @@ from transformers.utils import ModelOutput
 from .configuration_blip import BlipConfig
 from .losses import (
     diagonal_positives,
+    gather_batch_sizes,
     gather_with_grad,
     gather_without_grad,
     itc_loss,
@@ -94,12 +95,33 @@ class BlipForPreTrainingOutput(ModelOutput):
     alpha: float | None = None
 
 
+@dataclass
+class _PairFeatures:
+    """Momentum features of a set of image-text pairs (this rank's batch, or all ranks' in rank order), their image
+    ids, and the row where this rank's batch starts in them."""
+
+    image_feat: torch.Tensor  # (P, E)
+    text_feat: torch.Tensor  # (P, E)
+    image_ids: torch.Tensor | None  # (P,)
+    offset: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.image_feat.shape[0]
+
+    def ids_or_placeholder(self) -> torch.Tensor:
+        if self.image_ids is not None:
+            return self.image_ids
+        return torch.full((self.batch_size,), NO_IMAGE_ID, dtype=torch.long, device=self.image_feat.device)
+
+
 class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
     """BLIP's pretraining model: ITC (momentum distillation, queues), ITM (hard negatives) and LM in one forward.
 
     The config fields `queue_size`, `momentum`, `alpha`, `alpha_warmup_steps`, `negative_all_rank`, `itc_global_keys`
-    and `itc_temperature*` drive it. Under `torch.distributed` every rank must pass batches of the same shape (pad
-    texts to a fixed length); without a process group nothing distributed is called.
+    and `itc_temperature*` drive it. Under `torch.distributed` ranks may hold batches of different sizes but their
+    texts must be padded to the same length (as `ImageTextCollator` does); without a process group nothing
+    distributed is called.
     """
 
     # The loss is a per-batch mean: Trainer must not rescale it by token counts or by the world size.
@@ -181,12 +203,6 @@ class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
             getattr(self, momentum_name).requires_grad_(False)
 
     @torch.no_grad()
-    def copy_online_to_momentum(self) -> None:
-        """Sets every momentum parameter to its online counterpart (the state at initialisation)."""
-        momentum_params, online_params = self._momentum_parameter_pairs()
-        torch._foreach_copy_(momentum_params, online_params)
-
-    @torch.no_grad()
     def _momentum_update(self) -> None:
         """One EMA step of the momentum encoders: param_m <- momentum * param_m + (1 - momentum) * param."""
         momentum_params, online_params = self._momentum_parameter_pairs()
@@ -210,11 +226,7 @@ class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
         if queue_size == 0:
             return
         if image_feat_m.shape[0] > queue_size:  # a global batch larger than the queue keeps its newest samples
-            image_feat_m, text_feat_m, image_ids = (
-                image_feat_m[-queue_size:],
-                text_feat_m[-queue_size:],
-                image_ids[-queue_size:],
-            )
+            image_feat_m, text_feat_m, image_ids = (t[-queue_size:] for t in (image_feat_m, text_feat_m, image_ids))
         num_new = image_feat_m.shape[0]
         ptr = int(self.queue_ptr)
         columns = (ptr + torch.arange(num_new, device=self.queue_ptr.device)) % queue_size
@@ -245,13 +257,96 @@ class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
         text_feat_m = F.normalize(self.text_proj_m(text_embeds_m[:, 0]), dim=-1)
         return image_feat_m, text_feat_m
 
-    def _positives(
-        self, image_ids: torch.Tensor | None, key_ids: torch.Tensor | None, num_keys: int, offset: int, batch_size: int
-    ) -> torch.Tensor:
-        """(B, K) positives: keys with the query's image id when ids are given, else the query's own pair."""
-        if image_ids is None:
-            return diagonal_positives(batch_size, num_keys, offset, self.temp.device)
-        return same_id_positives(image_ids, key_ids)
+    def _itc(
+        self,
+        image_feat: torch.Tensor,
+        text_feat: torch.Tensor,
+        query: _PairFeatures,
+        keys: _PairFeatures,
+        temperature: torch.Tensor,
+        alpha: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ITC of this rank's pairs against `keys` (this step's momentum features) followed by the queue."""
+        image_keys = torch.cat([keys.image_feat, self.image_queue.t()])  # (K, E); cat copies the queue
+        text_keys = torch.cat([keys.text_feat, self.text_queue.t()])  # (K, E)
+        if query.image_ids is None:
+            positives = diagonal_positives(query.batch_size, image_keys.shape[0], keys.offset, image_keys.device)
+        else:
+            positives = same_id_positives(query.image_ids, torch.cat([keys.image_ids, self.idx_queue[0]]))
+        return itc_loss(
+            image_feat,
+            text_feat,
+            query.image_feat,
+            query.text_feat,
+            image_keys,
+            text_keys,
+            positives,
+            temperature,
+            alpha,
+        )
+
+    def _itm(
+        self,
+        image_embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_feat: torch.Tensor,
+        text_feat: torch.Tensor,
+        query: _PairFeatures,
+        pool: _PairFeatures,
+        temperature: torch.Tensor,
+        pool_from_all_ranks: bool,
+        batch_sizes: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ITM over (text, image) positives and hard negatives drawn from `pool` (this rank's batch or all ranks').
+
+        Returns the loss, the logits (3B, 2) and the pool indices of the negative images and texts.
+        """
+        batch_size = query.batch_size
+        if not pool_from_all_ranks:
+            pool_image_embeds, pool_input_ids, pool_attention_mask = image_embeds, input_ids, attention_mask
+        else:
+            # (P, 1+N, Dv), P the global batch; the gradient of every rank's use returns to the image's own rank.
+            pool_image_embeds = gather_with_grad(image_embeds, batch_sizes)
+            pool_input_ids = gather_without_grad(input_ids, batch_sizes)  # (P, L)
+            pool_attention_mask = gather_without_grad(attention_mask, batch_sizes)
+        with torch.no_grad():
+            if query.image_ids is None:
+                positives = diagonal_positives(batch_size, pool.batch_size, pool.offset, image_feat.device)
+            else:
+                positives = same_id_positives(query.image_ids, pool.image_ids)  # (B, P)
+            # Similarity of the online queries with the momentum features of the candidates, as the original.
+            negative_text_indices = sample_hard_negatives(image_feat @ pool.text_feat.t() / temperature, positives)
+            negative_image_indices = sample_hard_negatives(text_feat @ pool.image_feat.t() / temperature, positives)
+
+        encoder_token_id = self.config.text_config.encoder_token_id
+        encoder_input_ids = replace_first_token(input_ids, encoder_token_id)
+        negative_text_ids = replace_first_token(pool_input_ids[negative_text_indices], encoder_token_id)
+        # Pairs: (text i, image i), (text i, negative image), (negative text, image i).
+        itm_input_ids = torch.cat([encoder_input_ids, encoder_input_ids, negative_text_ids])  # (3B, L)
+        itm_attention_mask = torch.cat([attention_mask, attention_mask, pool_attention_mask[negative_text_indices]])
+        itm_image_embeds = torch.cat([image_embeds, pool_image_embeds[negative_image_indices], image_embeds])
+        multimodal_embeds = self.text_encoder(
+            itm_input_ids,
+            attention_mask=itm_attention_mask,
+            mode="multimodal",
+            encoder_hidden_states=itm_image_embeds,
+        ).last_hidden_state  # (3B, L, D)
+        itm_logits = self.itm_head(multimodal_embeds[:, 0])  # (3B, 2)
+        loss = F.cross_entropy(itm_logits, itm_labels(batch_size, itm_logits.device))
+        return loss, itm_logits, negative_image_indices, negative_text_indices
+
+    def _lm(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Label-smoothed captioning loss of the decoder, `[DEC]` first, pads ignored; and its logits (B, L, V)."""
+        text_config = self.config.text_config
+        decoder_input_ids = replace_first_token(input_ids, text_config.decoder_bos_token_id)
+        targets = decoder_input_ids.masked_fill(decoder_input_ids == text_config.pad_token_id, -100)
+        output = self.text_decoder(
+            decoder_input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds, labels=targets
+        )
+        return output.loss, output.logits
 
     def forward(
         self,
@@ -281,87 +376,44 @@ class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
         alpha = self.distillation_alpha() if alpha is None else alpha
         temperature = self.clamped_temperature()
         rank, world_size = rank_and_world_size()
-        batch_size = input_ids.shape[0]
-        text_config = self.config.text_config
+        batch_sizes = gather_batch_sizes(input_ids.shape[0], input_ids.device)  # every rank's, in rank order
 
-        # Online unimodal features.
         image_embeds = self.vision_model(pixel_values).last_hidden_state  # (B, 1+N, Dv)
         image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)  # (B, E)
         text_embeds = self.text_encoder(input_ids, attention_mask=attention_mask, mode="text").last_hidden_state
         text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)  # (B, E)
 
-        # ===== ITC: keys are momentum features of this step (local or all ranks') followed by the queue.
+        # Momentum features of this rank's pairs and of every rank's (exchanged without gradient, in rank order).
         image_feat_m, text_feat_m = self._momentum_features(pixel_values, input_ids, attention_mask)
-        image_feat_m_all = gather_without_grad(image_feat_m)  # (W*B, E), rank order
-        text_feat_m_all = gather_without_grad(text_feat_m)
-        image_ids_all = gather_without_grad(image_ids) if image_ids is not None else None
-        if self.config.itc_global_keys:
-            batch_image_keys, batch_text_keys, batch_ids, offset = (
-                image_feat_m_all,
-                text_feat_m_all,
-                image_ids_all,
-                rank * batch_size,
-            )
-        else:
-            batch_image_keys, batch_text_keys, batch_ids, offset = image_feat_m, text_feat_m, image_ids, 0
-        image_keys = torch.cat([batch_image_keys, self.image_queue.t()], dim=0)  # (K, E); cat copies the queue
-        text_keys = torch.cat([batch_text_keys, self.text_queue.t()], dim=0)  # (K, E)
-        key_ids = torch.cat([batch_ids, self.idx_queue[0]]) if image_ids is not None else None
-        positives = self._positives(image_ids, key_ids, image_keys.shape[0], offset, batch_size)
-        loss_itc, itc_logits_per_image, itc_logits_per_text = itc_loss(
-            image_feat, text_feat, image_feat_m, text_feat_m, image_keys, text_keys, positives, temperature, alpha
+        local = _PairFeatures(image_feat_m, text_feat_m, image_ids, offset=0)
+        everyone = _PairFeatures(
+            gather_without_grad(image_feat_m, batch_sizes),
+            gather_without_grad(text_feat_m, batch_sizes),
+            gather_without_grad(image_ids, batch_sizes) if image_ids is not None else None,
+            offset=sum(batch_sizes[:rank]),
+        )
+
+        itc_keys = everyone if self.config.itc_global_keys else local
+        loss_itc, itc_logits_per_image, itc_logits_per_text = self._itc(
+            image_feat, text_feat, local, itc_keys, temperature, alpha
         )
         if self.training:
-            if image_ids_all is None:
-                image_ids_all = torch.full((image_feat_m_all.shape[0],), NO_IMAGE_ID, device=image_feat_m_all.device)
-            self._dequeue_and_enqueue(image_feat_m_all, text_feat_m_all, image_ids_all)
+            self._dequeue_and_enqueue(everyone.image_feat, everyone.text_feat, everyone.ids_or_placeholder())
 
-        # ===== ITM: one hard negative text per image and one hard negative image per text.
-        if self.config.negative_all_rank and world_size > 1:
-            pool_image_embeds = gather_with_grad(image_embeds)  # (W*B, 1+N, Dv), gradient flows back to its rank
-            pool_input_ids = gather_without_grad(input_ids)
-            pool_attention_mask = gather_without_grad(attention_mask)
-            pool_image_feat_m, pool_text_feat_m, pool_ids, pool_offset = (
-                image_feat_m_all,
-                text_feat_m_all,
-                image_ids_all,
-                rank * batch_size,
-            )
-        else:
-            pool_image_embeds, pool_input_ids, pool_attention_mask = image_embeds, input_ids, attention_mask
-            pool_image_feat_m, pool_text_feat_m, pool_ids, pool_offset = image_feat_m, text_feat_m, image_ids, 0
-        with torch.no_grad():
-            pool_positives = self._positives(image_ids, pool_ids, pool_input_ids.shape[0], pool_offset, batch_size)
-            negative_text_indices = sample_hard_negatives(
-                image_feat @ pool_text_feat_m.t() / temperature, pool_positives
-            )
-            negative_image_indices = sample_hard_negatives(
-                text_feat @ pool_image_feat_m.t() / temperature, pool_positives
-            )
-
-        encoder_input_ids = replace_first_token(input_ids, text_config.encoder_token_id)
-        negative_text_ids = replace_first_token(pool_input_ids[negative_text_indices], text_config.encoder_token_id)
-        itm_input_ids = torch.cat([encoder_input_ids, encoder_input_ids, negative_text_ids])  # (3B, L)
-        itm_attention_mask = torch.cat(
-            [attention_mask, attention_mask, pool_attention_mask[negative_text_indices]]
-        )  # (3B, L)
-        itm_image_embeds = torch.cat([image_embeds, pool_image_embeds[negative_image_indices], image_embeds])
-        multimodal_embeds = self.text_encoder(
-            itm_input_ids,
-            attention_mask=itm_attention_mask,
-            mode="multimodal",
-            encoder_hidden_states=itm_image_embeds,
-        ).last_hidden_state  # (3B, L, D)
-        itm_logits = self.itm_head(multimodal_embeds[:, 0])  # (3B, 2)
-        loss_itm = F.cross_entropy(itm_logits, itm_labels(batch_size, itm_logits.device))
-
-        # ===== LM: the decoder captions the image, `[DEC]` first, pads ignored.
-        decoder_input_ids = replace_first_token(input_ids, text_config.decoder_bos_token_id)
-        lm_targets = decoder_input_ids.masked_fill(decoder_input_ids == text_config.pad_token_id, -100)
-        lm_output = self.text_decoder(
-            decoder_input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds, labels=lm_targets
+        negatives_from_all_ranks = self.config.negative_all_rank and world_size > 1
+        loss_itm, itm_logits, negative_image_indices, negative_text_indices = self._itm(
+            image_embeds,
+            input_ids,
+            attention_mask,
+            image_feat,
+            text_feat,
+            query=local,
+            pool=everyone if negatives_from_all_ranks else local,
+            temperature=temperature,
+            pool_from_all_ranks=negatives_from_all_ranks,
+            batch_sizes=batch_sizes,
         )
-        loss_lm = lm_output.loss
+        loss_lm, lm_logits = self._lm(image_embeds, input_ids, attention_mask)
 
         output = BlipForPreTrainingOutput(
             loss=loss_itc + loss_itm + loss_lm,
@@ -371,7 +423,7 @@ class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
             itc_logits_per_image=itc_logits_per_image,
             itc_logits_per_text=itc_logits_per_text,
             itm_logits=itm_logits,
-            lm_logits=lm_output.logits,
+            lm_logits=lm_logits,
             itm_negative_image_indices=negative_image_indices,
             itm_negative_text_indices=negative_text_indices,
             alpha=alpha,

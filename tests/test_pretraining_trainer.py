@@ -1,0 +1,167 @@
+"""Pretraining under transformers' Trainer: the collator, one momentum step per optimizer step under gradient
+accumulation, the separate loss logs, exact resumption, and the script's documented arguments."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import WORDS, make_config, make_tokenizer, random_image
+from datasets import Dataset
+from transformers import TrainerCallback, TrainingArguments
+
+from transformers_blip.data import BlipEvalTransform
+from transformers_blip.modeling_pretraining import BlipForPreTraining
+from transformers_blip.training import BlipPreTrainingTrainer, ImageTextCollator, MomentumUpdateCallback
+
+SCRIPT = Path(__file__).parents[1] / "training_scripts" / "pretrain.py"
+
+
+def make_pairs(count: int = 12) -> Dataset:
+    """Random images with short captions from the tiny vocabulary; image i appears twice (ids 0, 0, 1, 1, ...)."""
+    generator = torch.Generator().manual_seed(0)
+    captions = [
+        " ".join(WORDS[int(j)] for j in torch.randint(0, len(WORDS), (5,), generator=generator)) for _ in range(count)
+    ]
+    images = [random_image(i // 2, size=(32, 32)) for i in range(count)]
+    return Dataset.from_dict({"image": images, "caption": captions, "image_id": [i // 2 for i in range(count)]})
+
+
+def make_model() -> BlipForPreTraining:
+    torch.manual_seed(0)
+    config = make_config(queue_size=16, alpha_warmup_steps=4, momentum=0.9)
+    config.text_config.hidden_dropout_prob = 0.1  # dropout draws random numbers: resuming must restore them too
+    return BlipForPreTraining(config)
+
+
+def make_trainer(output_dir, max_steps: int, save_steps: int = 100, callbacks=(), **overrides) -> BlipPreTrainingTrainer:
+    settings = {
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": save_steps,
+        "report_to": "none",
+        "use_cpu": True,
+        "remove_unused_columns": False,
+        "disable_tqdm": True,
+        "seed": 0,
+        **overrides,
+    }
+    args = TrainingArguments(output_dir=str(output_dir), max_steps=max_steps, **settings)
+    collator = ImageTextCollator(make_tokenizer(), BlipEvalTransform(32), max_length=8)
+    return BlipPreTrainingTrainer(
+        model=make_model(), args=args, train_dataset=make_pairs(), data_collator=collator, callbacks=list(callbacks)
+    )
+
+
+def test_collator_tokenizes_to_a_fixed_length_and_passes_image_ids():
+    collator = ImageTextCollator(make_tokenizer(), BlipEvalTransform(32), max_length=10, image_id_column="image_id")
+    rows = [{"image": random_image(0), "caption": "A Red square!", "image_id": 4}, {"image": random_image(1), "caption": "blue", "image_id": 9}]
+    batch = collator(rows)
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    assert batch["input_ids"].shape == (2, 10) and batch["attention_mask"].shape == (2, 10)
+    assert batch["image_ids"].tolist() == [4, 9]
+    assert make_tokenizer().decode(batch["input_ids"][0], skip_special_tokens=True) == "a red square"  # cleaned
+    # Rows that already hold tensors (decoded by `DecodeImages`) are used as they are.
+    tensors = [{"image": torch.zeros(3, 32, 32), "caption": "red"}]
+    assert ImageTextCollator(make_tokenizer(), None)(tensors)["pixel_values"].abs().sum() == 0
+
+
+class CountMomentumUpdates(TrainerCallback):
+    """Counts the momentum updates by wrapping the model's method when training starts."""
+
+    def __init__(self):
+        self.count = 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        update = model._momentum_update
+
+        def counted():
+            self.count += 1
+            update()
+
+        model._momentum_update = counted
+
+
+def test_momentum_moves_once_per_optimizer_step_and_alpha_follows_the_global_step(tmp_path):
+    counter = CountMomentumUpdates()
+    trainer = make_trainer(tmp_path, max_steps=3, callbacks=[counter])
+    momentum_before = trainer.model.text_proj_m.weight.clone()
+    trainer.train()
+    model = trainer.model
+    assert counter.count == 3  # 3 optimizer steps of 2 micro-batches each
+    assert model.optimizer_steps == 3 and model.distillation_alpha() == pytest.approx(0.4 * 3 / 4)
+    assert not torch.equal(model.text_proj_m.weight, momentum_before)
+    assert int(model.queue_ptr) == 12  # every micro-batch enqueues its 2 pairs
+    assert sum(isinstance(callback, MomentumUpdateCallback) for callback in trainer.callback_handler.callbacks) == 1
+
+
+def test_each_loss_is_logged(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=2)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        assert {"loss_itc", "loss_itm", "loss_lm", "alpha", "temperature"} <= entry.keys()
+        assert entry["loss"] == pytest.approx(entry["loss_itc"] + entry["loss_itm"] + entry["loss_lm"], abs=1e-3)
+    assert logs[0]["alpha"] == pytest.approx(0.1)  # logged after the first step: alpha ramps over 4 steps
+
+
+class StopAt(TrainerCallback):
+    """Interrupts training after `step` optimizer steps (the checkpoint at that step is written first)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+def test_resuming_from_a_checkpoint_continues_exactly(tmp_path):
+    steps = 4  # 2 epochs of 12 pairs at 2 x 2 per step... the queue wraps and alpha ramps through the resume
+    uninterrupted = make_trainer(tmp_path / "straight", max_steps=2 * steps)
+    uninterrupted.train()
+
+    interrupted = make_trainer(tmp_path / "resumed", max_steps=2 * steps, save_steps=steps, callbacks=[StopAt(steps)])
+    interrupted.train()
+    checkpoint = tmp_path / "resumed" / f"checkpoint-{steps}"
+    assert interrupted.state.global_step == steps and checkpoint.is_dir()
+    resumed = make_trainer(tmp_path / "resumed", max_steps=2 * steps, save_steps=steps)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    assert resumed.state.global_step == 2 * steps
+    expected = uninterrupted.model.state_dict()
+    for name, tensor in resumed.model.state_dict().items():  # weights, momentum copies, queues, pointer
+        assert (tensor.float() - expected[name].float()).abs().max() <= 1e-6, name
+    assert resumed.model.optimizer_steps == uninterrupted.model.optimizer_steps == 2 * steps
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("pretrain_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_help_documents_every_argument():
+    script = load_script()
+    result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    help_text = " ".join(result.stdout.split())
+    for arguments in (script.ModelArguments, script.DataArguments):
+        for field in dataclasses.fields(arguments):
+            assert f"--{field.name}" in help_text
+            assert field.metadata.get("help"), f"{field.name} has no help"
+            assert " ".join(field.metadata["help"].split())[:40] in help_text
+    for launcher in ("torchrun", "accelerate launch"):
+        assert launcher in script.__doc__
