@@ -39,7 +39,9 @@ def make_model() -> BlipForPreTraining:
     return BlipForPreTraining(config)
 
 
-def make_trainer(output_dir, max_steps: int, save_steps: int = 100, callbacks=(), **overrides) -> BlipPreTrainingTrainer:
+def make_trainer(
+    output_dir, max_steps: int, save_steps: int = 100, callbacks=(), **overrides
+) -> BlipPreTrainingTrainer:
     settings = {
         "per_device_train_batch_size": 2,
         "gradient_accumulation_steps": 2,
@@ -63,7 +65,10 @@ def make_trainer(output_dir, max_steps: int, save_steps: int = 100, callbacks=()
 
 def test_collator_tokenizes_to_a_fixed_length_and_passes_image_ids():
     collator = ImageTextCollator(make_tokenizer(), BlipEvalTransform(32), max_length=10, image_id_column="image_id")
-    rows = [{"image": random_image(0), "caption": "A Red square!", "image_id": 4}, {"image": random_image(1), "caption": "blue", "image_id": 9}]
+    rows = [
+        {"image": random_image(0), "caption": "A Red square!", "image_id": 4},
+        {"image": random_image(1), "caption": "blue", "image_id": 9},
+    ]
     batch = collator(rows)
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
     assert batch["input_ids"].shape == (2, 10) and batch["attention_mask"].shape == (2, 10)
