@@ -82,9 +82,13 @@ def queue_scenario(rank: int, world_size: int) -> dict:
 
 
 def uneven_scenario(rank: int, world_size: int) -> dict:
-    """Rank 0 holds three pairs, rank 1 one (as after a skipped sample): queues and all-rank negatives still work."""
+    """Rank 0 holds three pairs, rank 1 one (as after a skipped sample) whose text is padded to 5 tokens, not 8 (as
+    with `padding="longest"`): queues and all-rank negatives still work."""
     model = make_model(queue_size=16, negative_all_rank=True)
-    output = model(**rank_slice(make_batch(image_ids=[3, 5, 7, 9]), rank, world_size, sizes=(3, 1)))
+    batch = rank_slice(make_batch(image_ids=[3, 5, 7, 9]), rank, world_size, sizes=(3, 1))
+    if rank == 1:
+        batch["input_ids"], batch["attention_mask"] = batch["input_ids"][:, :5], batch["attention_mask"][:, :5]
+    output = model(**batch)
     output.loss.backward()
     return {
         "image_queue": model.image_queue.clone(),

@@ -357,7 +357,9 @@ def test_gradient_checkpointing_gives_the_same_loss():
     model = make_model(queue_size=0)
     torch.manual_seed(0)
     plain = model(**make_batch()).loss
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
+    assert model.vision_model.encoder.layers[0].gradient_checkpointing
+    assert model.text_decoder.bert.encoder.layer[0].gradient_checkpointing
     torch.manual_seed(0)
     checkpointed = model(**make_batch())
     checkpointed.loss.backward()

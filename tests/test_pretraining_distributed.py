@@ -55,11 +55,13 @@ def test_queues_hold_both_ranks_features_in_rank_order(ranks):
 
 
 def test_uneven_batches_across_ranks_are_gathered(ranks):
+    # Rank 0 held 3 pairs and rank 1 one; both also backpropagated through negatives drawn from all ranks.
     model = make_model(queue_size=16)
     model(**make_batch(image_ids=[3, 5, 7, 9]))
-    for rank in ranks:  # rank 0 held 3 pairs, rank 1 one
+    for rank in ranks:
         torch.testing.assert_close(rank["uneven_queue"]["image_queue"], model.image_queue, rtol=0, atol=1e-5)
         assert int(rank["uneven_queue"]["queue_ptr"]) == GLOBAL_BATCH
+    assert ranks[0]["uneven_queue"]["negative_image_indices"].shape == (3,)
     assert ranks[1]["uneven_queue"]["negative_image_indices"].tolist()[0] in (0, 1, 2)  # rank 1's only negatives
 
 

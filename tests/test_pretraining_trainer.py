@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,15 @@ from conftest import WORDS, make_config, make_tokenizer, random_image
 from datasets import Dataset
 from transformers import TrainerCallback, TrainingArguments
 
-from transformers_blip.data import BlipEvalTransform
+from transformers_blip.data import BlipEvalTransform, DecodeImages, SkipReport
 from transformers_blip.modeling_pretraining import BlipForPreTraining
-from transformers_blip.training import BlipPreTrainingTrainer, ImageTextCollator, MomentumUpdateCallback
+from transformers_blip.training import (
+    BlipPreTrainingTrainer,
+    DecodingCollator,
+    ImageTextCollator,
+    MomentumUpdateCallback,
+    with_caption_lengths,
+)
 
 SCRIPT = Path(__file__).parents[1] / "training_scripts" / "pretrain.py"
 
@@ -77,6 +84,32 @@ def test_collator_tokenizes_to_a_fixed_length_and_passes_image_ids():
     # Rows that already hold tensors (decoded by `DecodeImages`) are used as they are.
     tensors = [{"image": torch.zeros(3, 32, 32), "caption": "red"}]
     assert ImageTextCollator(make_tokenizer(), None)(tensors)["pixel_values"].abs().sum() == 0
+
+
+def test_decoding_collator_drops_broken_images_and_pads_to_the_batchs_longest_caption(tmp_path):
+    good, broken = tmp_path / "good.png", tmp_path / "broken.png"
+    random_image(0).save(good)
+    broken.write_bytes(b"not a png")
+    rows = [
+        {"image": str(good), "caption": "red"},
+        {"image": str(broken), "caption": "blue square"},
+        {"image": str(good), "caption": "a big green circle"},
+    ]
+    report = SkipReport(tmp_path / "skips")
+    tokenize = ImageTextCollator(make_tokenizer(), None, max_length=30, padding="longest")
+    batch = DecodingCollator(DecodeImages(BlipEvalTransform(32), report=report), tokenize)(rows)
+
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    assert batch["input_ids"].shape == (2, 6)  # [CLS] a big green circle [SEP]; not padded to 30
+    assert batch["attention_mask"].sum(dim=1).tolist() == [3, 6]
+    assert sum(report.counts().values()) == 1 and report.skipped[0].source == str(broken)
+    with pytest.raises(ValueError, match="padding"):
+        ImageTextCollator(make_tokenizer(), None, padding="do_not_pad")
+
+
+def test_caption_lengths_count_words():
+    pairs = with_caption_lengths(Dataset.from_dict({"caption": ["red", "a big green circle"]}))
+    assert pairs["length"] == [1, 4]
 
 
 class CountMomentumUpdates(TrainerCallback):
@@ -170,3 +203,20 @@ def test_script_help_documents_every_argument():
             assert " ".join(field.metadata["help"].split())[:40] in help_text
     for launcher in ("torchrun", "accelerate launch"):
         assert launcher in script.__doc__
+
+
+def test_script_pretrains_with_batches_of_similar_caption_length(tmp_path):
+    command = [
+        sys.executable, str(SCRIPT), "--output_dir", str(tmp_path), "--image_size", "32",
+        "--synthetic_num_human", "8", "--synthetic_num_web", "8", "--synthetic_num_test", "4", "--vocab_size", "200",
+        "--max_steps", "2", "--per_device_train_batch_size", "4", "--train_sampling_strategy", "group_by_length",
+        "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true", "--use_cpu",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert all(name in state["log_history"][0] for name in ("loss_itc", "loss_itm", "loss_lm"))
+    recall = json.loads((tmp_path / "held_out_results.json").read_text())
+    assert recall["chance_r1"] == 25.0  # 4 held-out images

@@ -95,6 +95,30 @@ def gather_with_grad(tensor: torch.Tensor, sizes: Sequence[int] | None = None) -
     return _AllGatherWithGrad.apply(tensor, sizes if sizes is not None else [tensor.shape[0]] * world_size)
 
 
+def pad_texts(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pads token ids and their mask (B, L) to (B, length)."""
+    extra = length - input_ids.shape[1]
+    if extra == 0:
+        return input_ids, attention_mask
+    return F.pad(input_ids, (0, extra), value=pad_token_id), F.pad(attention_mask, (0, extra), value=0)
+
+
+@torch.no_grad()
+def gather_texts(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, sizes: Sequence[int], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's token ids and masks, (sum(sizes), L_max), padded to the longest text length of any rank."""
+    _, world_size = rank_and_world_size()
+    if world_size == 1:
+        return input_ids, attention_mask
+    own_length = torch.tensor([input_ids.shape[1]], device=input_ids.device)
+    longest = int(gather_without_grad(own_length).max())
+    input_ids, attention_mask = pad_texts(input_ids, attention_mask, longest, pad_token_id)
+    return gather_without_grad(input_ids, sizes), gather_without_grad(attention_mask, sizes)
+
+
 def diagonal_positives(batch_size: int, num_keys: int, offset: int, device: torch.device) -> torch.Tensor:
     """Boolean (B, K) mask whose only positive for query i is key `offset + i` (its own pair)."""
     positives = torch.zeros(batch_size, num_keys, dtype=torch.bool, device=device)
@@ -194,10 +218,12 @@ def itm_labels(batch_size: int, device: torch.device) -> torch.Tensor:
 __all__ = [
     "diagonal_positives",
     "gather_batch_sizes",
+    "gather_texts",
     "gather_with_grad",
     "gather_without_grad",
     "itc_loss",
     "itm_labels",
+    "pad_texts",
     "rank_and_world_size",
     "same_id_positives",
     "sample_hard_negatives",

@@ -34,10 +34,12 @@ from .configuration_blip import BlipConfig
 from .losses import (
     diagonal_positives,
     gather_batch_sizes,
+    gather_texts,
     gather_with_grad,
     gather_without_grad,
     itc_loss,
     itm_labels,
+    pad_texts,
     rank_and_world_size,
     same_id_positives,
     sample_hard_negatives,
@@ -119,9 +121,8 @@ class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
     """BLIP's pretraining model: ITC (momentum distillation, queues), ITM (hard negatives) and LM in one forward.
 
     The config fields `queue_size`, `momentum`, `alpha`, `alpha_warmup_steps`, `negative_all_rank`, `itc_global_keys`
-    and `itc_temperature*` drive it. Under `torch.distributed` ranks may hold batches of different sizes but their
-    texts must be padded to the same length (as `ImageTextCollator` does); without a process group nothing
-    distributed is called.
+    and `itc_temperature*` drive it. Under `torch.distributed` ranks may hold batches of different sizes, with texts
+    padded to different lengths; without a process group nothing distributed is called.
     """
 
     # The loss is a per-batch mean: Trainer must not rescale it by token counts or by the world size.
@@ -308,8 +309,10 @@ class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
         else:
             # (P, 1+N, Dv), P the global batch; the gradient of every rank's use returns to the image's own rank.
             pool_image_embeds = gather_with_grad(image_embeds, batch_sizes)
-            pool_input_ids = gather_without_grad(input_ids, batch_sizes)  # (P, L)
-            pool_attention_mask = gather_without_grad(attention_mask, batch_sizes)
+            # (P, L_max): ranks may pad their texts to different lengths; the local ones are padded alike.
+            pad_token_id = self.config.text_config.pad_token_id
+            pool_input_ids, pool_attention_mask = gather_texts(input_ids, attention_mask, batch_sizes, pad_token_id)
+            input_ids, attention_mask = pad_texts(input_ids, attention_mask, pool_input_ids.shape[1], pad_token_id)
         with torch.no_grad():
             if query.image_ids is None:
                 positives = diagonal_positives(batch_size, pool.batch_size, pool.offset, image_feat.device)

@@ -4,8 +4,9 @@
   the distillation alpha read from the global step, so both are right under gradient accumulation and after a resume.
 - `ImageTextCollator`: rows of `{image, caption[, image_id]}` to `pixel_values`, fixed-length `input_ids` and
   `attention_mask` (fixed, so that ranks can exchange texts for hard negatives), and `image_ids`.
-- `pretraining_config`, `load_pretraining_pairs`, `decode_in_workers`, `optimizer_steps_per_epoch`: the model sizes,
-  data sources and input pipeline of `pretrain.py`.
+- `DecodingCollator`: robust image decoding and augmentation in the DataLoader workers, before `ImageTextCollator`.
+- `pretraining_config`, `load_pretraining_pairs`, `with_caption_lengths`, `optimizer_steps_per_epoch`: the model
+  sizes, data sources and input pipeline of `pretrain.py`.
 - `BlipPreTrainingTrainer`: a `Trainer` that also logs the ITC, ITM and LM losses, alpha and the temperature.
 - `itc_retrieval_recall`: recall@K of image-text retrieval by ITC similarity on held-out pairs.
 """
@@ -32,7 +33,7 @@ from transformers import (
 from .configuration_blip import BlipConfig, BlipTextConfig, BlipVisionConfig
 from .data import (
     DecodeImages,
-    SkipReport,
+    SkippingCollator,
     build_synthetic_benchmark,
     flatten_captions,
     load_caption_json,
@@ -88,7 +89,10 @@ class ImageTextCollator:
         image_transform: PIL image -> (3, H, W) tensor. A transform with a `with_text(image, text)` method (such as
             `BlipTrainTransform`) is given the caption too, so that a horizontal flip can keep "left"/"right" true.
             `None` when the rows already hold tensors (a dataset transformed by `DecodeImages`).
-        max_length: every text is padded or truncated to this many tokens (30 in BLIP's pretraining).
+        max_length: texts are truncated to this many tokens (30 in BLIP's pretraining).
+        padding: `"max_length"` pads every text to `max_length`; `"longest"` pads to the longest text of the batch,
+            which saves much of the text encoders' work when batches group texts of similar length
+            (`TrainingArguments(group_by_length=True)` with a `length` column).
         max_words: captions are cleaned with `pre_caption(text, max_words)` first (`None`: used as they are).
         image_column, text_column: column names of the rows.
         image_id_column: if set, the rows' image ids are passed as `image_ids` (all captions of an image become
@@ -104,10 +108,14 @@ class ImageTextCollator:
         image_column: str = "image",
         text_column: str = "caption",
         image_id_column: str | None = None,
+        padding: str = "max_length",
     ):
+        if padding not in ("max_length", "longest"):
+            raise ValueError(f"padding must be 'max_length' or 'longest', got {padding!r}")
         self.tokenizer = tokenizer
         self.image_transform = image_transform
         self.max_length = max_length
+        self.padding = padding
         self.max_words = max_words
         self.image_column = image_column
         self.text_column = text_column
@@ -130,11 +138,11 @@ class ImageTextCollator:
             pixel_values.append(pixels)
             texts.append(text)
         encoded = self.tokenizer(
-            texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+            texts, padding=self.padding, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         batch = {
             "pixel_values": torch.stack(pixel_values),  # (B, 3, H, W)
-            "input_ids": encoded["input_ids"],  # (B, max_length)
+            "input_ids": encoded["input_ids"],  # (B, L), L = max_length or the longest text
             "attention_mask": encoded["attention_mask"],
         }
         if self.image_id_column is not None:
@@ -246,17 +254,36 @@ def load_pretraining_pairs(
     return loaders[source](), None
 
 
-def decode_in_workers(
-    dataset: Dataset | IterableDataset, image_transform: Callable[[Any], torch.Tensor], report: SkipReport
-) -> Dataset | IterableDataset:
-    """Decodes and transforms the images (and keeps captions true under flips) where the DataLoader reads them.
+class DecodingCollator:
+    """Decodes and transforms the images of a list of rows, drops the rows whose image is broken, batches the rest.
 
-    Samples whose image cannot be decoded are counted in `report` and dropped by `SkippingCollator`.
+    As the DataLoader's `collate_fn` it runs in the worker processes. Decoding here rather than in a dataset
+    transform keeps the dataset's columns plain, so that Trainer can read a `length` column to group texts of
+    similar length (`train_sampling_strategy="group_by_length"`).
+
+    Args:
+        decode: a `DecodeImages`; it counts broken images in its `SkipReport` and keeps captions true under flips.
+        collate: batches the decoded rows, e.g. an `ImageTextCollator` without an image transform.
     """
-    decode = DecodeImages(image_transform, text_columns=("caption",), report=report)
-    if isinstance(dataset, IterableDataset):
-        return dataset.map(decode, batched=True)
-    return dataset.with_transform(decode)
+
+    def __init__(self, decode: DecodeImages, collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]):
+        self.decode = decode
+        self.skipping_collate = SkippingCollator(collate, image_columns=decode.image_columns)
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor] | None:
+        columns = self.decode({name: [row[name] for row in rows] for name in rows[0]})
+        decoded_rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        return self.skipping_collate(decoded_rows)
+
+
+def with_caption_lengths(dataset: Dataset, text_column: str = "caption") -> Dataset:
+    """Adds a `length` column (words per caption), which `group_by_length` batching sorts by."""
+
+    def count_words(batch: dict[str, list]) -> dict[str, list[int]]:
+        return {"length": [len(text.split()) for text in batch[text_column]]}
+
+    # Schema out: the input columns plus `length` (int).
+    return dataset.map(count_words, batched=True, desc="Counting caption words")
 
 
 def optimizer_steps_per_epoch(dataset: Dataset | IterableDataset, args: TrainingArguments) -> int:
@@ -385,8 +412,8 @@ __all__ = [
     "MODEL_SIZES",
     "BlipPreTrainingTrainer",
     "ImageTextCollator",
+    "DecodingCollator",
     "MomentumUpdateCallback",
-    "decode_in_workers",
     "itc_features",
     "itc_retrieval_recall",
     "load_pretraining_pairs",
@@ -394,4 +421,5 @@ __all__ = [
     "pretraining_config",
     "recall_at_k",
     "unwrap_model",
+    "with_caption_lengths",
 ]
