@@ -107,6 +107,29 @@ def test_decoding_collator_drops_broken_images_and_pads_to_the_batchs_longest_ca
         ImageTextCollator(make_tokenizer(), None, padding="do_not_pad")
 
 
+def test_a_batch_of_unreadable_images_is_passed_over_on_one_process(tmp_path):
+    good, broken = tmp_path / "good.png", tmp_path / "broken.png"
+    random_image(0, size=(32, 32)).save(good)
+    broken.write_bytes(b"not a png")
+    paths = [str(broken)] * 2 + [str(good)] * 4  # read in order: the first batch of two has nothing left
+    pairs = Dataset.from_dict({"image": paths, "caption": ["red square", "blue circle", "a big green circle"] * 2})
+    report = SkipReport(tmp_path / "skips")
+    collator = DecodingCollator(
+        DecodeImages(BlipEvalTransform(32), report=report), ImageTextCollator(make_tokenizer(), None, max_length=8)
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, num_train_epochs=1, report_to="none",
+        use_cpu=True, remove_unused_columns=False, train_sampling_strategy="sequential", save_strategy="no",
+        disable_tqdm=True,
+    )  # fmt: skip
+    trainer = BlipPreTrainingTrainer(model=make_model(), args=args, train_dataset=pairs, data_collator=collator)
+    trainer.train()
+
+    assert trainer.empty_batches == 1
+    assert trainer.state.global_step == 2  # the two batches that hold images
+    assert sum(report.counts().values()) == 2
+
+
 def test_caption_lengths_count_words():
     pairs = with_caption_lengths(Dataset.from_dict({"caption": ["red", "a big green circle"]}))
     assert pairs["length"] == [1, 4]

@@ -299,6 +299,11 @@ class BlipPreTrainingTrainer(Trainer):
 
     The logged `loss_itc`, `loss_itm` and `loss_lm` are means over the micro-batches since the last log and over all
     ranks, like Trainer's own `loss`.
+
+    A collator may return `None` for a batch whose every sample was unreadable (`SkippingCollator`,
+    `DecodingCollator`; the samples are counted in their `SkipReport`). On one process the batch is passed over and
+    the next one read in its place (`empty_batches` counts them). Under several processes a rank cannot pass a batch
+    over without leaving the others waiting in the gradient all-reduce, so it stops with an error that says so.
     """
 
     def __init__(self, *args, **kwargs):
@@ -307,6 +312,24 @@ class BlipPreTrainingTrainer(Trainer):
             self.add_callback(MomentumUpdateCallback())
         self._loss_sums: torch.Tensor | None = None  # (3,) sums of the ITC, ITM, LM losses since the last log
         self._loss_count = 0
+        self.empty_batches = 0
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        return super().get_batch_samples(self._non_empty(epoch_iterator), num_batches, device)
+
+    def _non_empty(self, batches):
+        """The batches of `batches` that hold samples. Reads no further ahead than its consumer asks."""
+        for batch in batches:
+            if batch is not None:
+                yield batch
+                continue
+            if self.args.world_size > 1:
+                raise RuntimeError(
+                    "Every sample of a batch was unreadable (see the skip report), and under several processes a "
+                    "rank cannot pass a batch over while the others train on theirs. Clean the data or raise "
+                    "per_device_train_batch_size."
+                )
+            self.empty_batches += 1
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         outputs = model(**inputs)
