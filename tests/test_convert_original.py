@@ -23,6 +23,7 @@ from transformers_blip import (
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
     BlipForQuestionAnswering,
+    BlipForVisualReasoning,
     BlipImageTextProcessor,
 )
 from transformers_blip.convert.original import (
@@ -34,7 +35,13 @@ from transformers_blip.convert.original import (
     resolve_head,
     save_original_checkpoint,
 )
-from transformers_blip.convert.original_layout import detect_variant, to_original, to_ours, top_module
+from transformers_blip.convert.original_layout import (
+    NEW_IN_NLVR_HEAD,
+    detect_variant,
+    to_original,
+    to_ours,
+    top_module,
+)
 from transformers_blip.modeling_pretraining import BlipForPreTraining
 
 KEY_FILES = Path(__file__).parent / "fixtures" / "original_keys"
@@ -59,6 +66,7 @@ RELEASED = [
     ("itm_base_384", "itm", ["auto"], (768, 12, 12, 384)),
     ("retrieval_base_384", "retrieval", ["auto"], (768, 12, 12, 384)),
     ("vqa_base_480", "vqa", ["auto"], (768, 12, 12, 480)),
+    ("nlvr_base_384", "nlvr", ["auto"], (768, 12, 12, 384)),
     ("pretrain_base_224", "pretraining", list(HEADS), (768, 12, 12, 224)),
     ("pretrain_large_224", "pretraining", list(HEADS), (1024, 24, 16, 224)),
 ]
@@ -71,6 +79,7 @@ HEAD_TAKES = {
     "retrieval": {"visual_encoder", "text_encoder", "vision_proj", "text_proj", "itm_head", "temp"},
     "vqa": {"visual_encoder", "text_encoder", "text_decoder"},
     "features": {"visual_encoder", "text_encoder", "vision_proj", "text_proj", "temp"},
+    "nlvr": {"visual_encoder", "text_encoder", "cls_head"},
     "pretraining": {"visual_encoder", "text_encoder", "text_decoder", "vision_proj", "text_proj", "itm_head", "temp"}
     | {"visual_encoder_m", "text_encoder_m", "vision_proj_m", "text_proj_m", "image_queue", "text_queue", "queue_ptr"},
 }
@@ -101,6 +110,8 @@ def test_config_is_inferred_from_shapes(name, variant, heads, vit):
     )
     assert (text.hidden_dropout_prob, text.attention_probs_dropout_prob, text.label_smoothing) == (0.1, 0.1, 0.1)
     assert infer_config(shapes, image_size=384).vision_config.image_size == 384
+    if variant == "nlvr":
+        assert config.nlvr_merge_from_layer == 6  # layers 6-11 concatenate the two images' attention outputs
 
 
 def unloadable_answer_decoder_keys(shapes, model) -> set[str]:
@@ -138,13 +149,22 @@ def test_every_released_tensor_has_a_place(name, variant, head, vit):
             assert reason is None or dropped_inside_a_taken_module(original_key, reason), (original_key, reason)
         else:
             assert reason is not None, original_key
-    assert len(report.loaded) + len(report.dropped_expected) + len(unloadable) == len(shapes)
+    # (Into the NLVR2 head one cross-attention tensor fills both of a layer's image attentions.)
+    assert len(set(plan.sources.values())) + len(report.dropped_expected) + len(unloadable) == len(shapes)
 
     # Every tensor of the head is filled: loaded, tied to a loaded one, or a documented default.
     covered = set(report.loaded) | set(model.all_tied_weights_keys) | set(report.defaulted) | set(report.missing)
     assert covered == set(model_shapes)
     if variant == "itm" or head_class is BlipForPreTraining:
         assert set(report.defaulted) == ({"temp"} if variant == "itm" else {"idx_queue"})
+    elif head_class is BlipForVisualReasoning and variant != "nlvr":
+        # A pretraining checkpoint has no classifier and no merge layers (layers 6-11): both start random.
+        assert len(report.defaulted) == 4 + 6 * 2
+        assert all(re.search(NEW_IN_NLVR_HEAD, key) for key in report.defaulted)
+        layer = "text_encoder.encoder.layer.3.crossattention."
+        for copy_index in (0, 1):
+            assert plan.sources[f"{layer}self{copy_index}.query.weight"] == f"{layer}self.query.weight"
+            assert plan.sources[f"{layer}output.dense{copy_index}.bias"] == f"{layer}output.dense.bias"
     else:
         assert report.defaulted == {}
 
@@ -167,6 +187,7 @@ def test_renaming_inverts(name):
         ("decoder_base_384", BlipForConditionalGeneration, set()),
         ("itm_base_384", BlipForImageTextRetrieval, {"temp"}),
         ("vqa_base_480", BlipForQuestionAnswering, set()),
+        ("nlvr_base_384", BlipForVisualReasoning, set()),
     ],
 )
 def test_exported_names_are_the_released_ones(name, head_class, extra):
@@ -178,12 +199,6 @@ def test_exported_names_are_the_released_ones(name, head_class, extra):
     tables = {key for key in exported if key.endswith("embeddings.position_embeddings.weight")}
     exported |= {key.replace("position_embeddings.weight", "position_ids") for key in tables}
     assert exported == set(shapes) | extra
-
-
-def test_nlvr_checkpoint_is_refused():
-    state_dict = {key: torch.empty(0) for key in read_key_file("nlvr_base_384")}
-    with pytest.raises(NotImplementedError, match="NLVR2"):
-        load_original_checkpoint(state_dict)
 
 
 def test_pretraining_checkpoint_asks_for_a_head():

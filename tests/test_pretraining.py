@@ -394,7 +394,7 @@ def test_captioning_head_gets_the_pretraining_decoder(pretrained_dir, caplog):
 def test_retrieval_head_keeps_encoders_projections_and_itm_head(pretrained_dir):
     path, pretraining = pretrained_dir
     retrieval, info = task_head_from_pretraining(BlipForImageTextRetrieval, path, output_loading_info=True)
-    assert info == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
+    assert info == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "new_keys": []}
     for name in ("itm_head.weight", "vision_proj.bias", "text_proj.weight", "temp"):
         assert torch.equal(retrieval.get_parameter(name), pretraining.get_parameter(name))
     batch = make_batch()

@@ -29,6 +29,7 @@ from .modeling_blip import (
     BlipRetrievalOutput,
 )
 from .modeling_med import BlipTextLMHeadModel, BlipTextModel, ImageKeyValues
+from .modeling_nlvr import BlipForVisualReasoning, BlipVisualReasoningOutput
 from .modeling_pretraining import BlipForPreTraining, BlipForPreTrainingOutput
 from .modeling_vision import BlipVisionModel
 from .processing_blip import (
@@ -76,6 +77,7 @@ __all__ = [
     "BlipForPreTraining",
     "BlipForPreTrainingOutput",
     "BlipForQuestionAnswering",
+    "BlipForVisualReasoning",
     "BlipImageProcessorAnyMode",
     "BlipImageTextProcessor",
     "BlipModel",
@@ -88,6 +90,7 @@ __all__ = [
     "BlipTextModel",
     "BlipVisionConfig",
     "BlipVisionModel",
+    "BlipVisualReasoningOutput",
     "ImageKeyValues",
     "build_processor",
     "build_tokenizer",

@@ -219,6 +219,9 @@ class BlipConfig(PretrainedConfig):
         negative_all_rank (`bool`, defaults to `False`): draw ITM hard negatives from the batches of all ranks.
         itc_global_keys (`bool`, defaults to `False`): use the current step's momentum features of all ranks as ITC
             keys besides the queue, so that each rank's ITC sees the global batch at once.
+        nlvr_merge_from_layer (`int`, *optional*): in the NLVR2 head, the first text layer whose two cross-attention
+            outputs (one per image) are concatenated and projected rather than averaged. Defaults to half the text
+            layers (6 of BERT-base's 12, as the original).
     """
 
     model_type = "tblip"
@@ -239,6 +242,7 @@ class BlipConfig(PretrainedConfig):
         alpha_warmup_steps: int = 0,
         negative_all_rank: bool = False,
         itc_global_keys: bool = False,
+        nlvr_merge_from_layer: int | None = None,
         **kwargs,
     ):
         if isinstance(text_config, dict):
@@ -261,6 +265,9 @@ class BlipConfig(PretrainedConfig):
         self.alpha_warmup_steps = alpha_warmup_steps
         self.negative_all_rank = negative_all_rank
         self.itc_global_keys = itc_global_keys
+        if nlvr_merge_from_layer is None:
+            nlvr_merge_from_layer = self.text_config.num_hidden_layers // 2
+        self.nlvr_merge_from_layer = nlvr_merge_from_layer
         kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(**kwargs)
 

@@ -35,11 +35,13 @@ from ..modeling_blip import (
     BlipModel,
     BlipPreTrainedModel,
 )
+from ..modeling_nlvr import BlipForVisualReasoning
 from ..modeling_pretraining import BlipForPreTraining
 from ..modeling_vision import BlipVisionEmbeddings
 from .original_layout import (
     DEFAULT_HEAD_OF_VARIANT,
     DEFAULTED,
+    NEW_IN_NLVR_HEAD,
     ORIGINAL_MODULES,
     detect_variant,
     to_original,
@@ -57,6 +59,7 @@ HEADS: dict[str, type[BlipPreTrainedModel]] = {
     "vqa": BlipForQuestionAnswering,
     "features": BlipModel,
     "pretraining": BlipForPreTraining,
+    "nlvr": BlipForVisualReasoning,
 }
 
 # The original text model's settings that shapes do not reveal (its `configs/med_config.json`, BERT-base).
@@ -219,6 +222,13 @@ def infer_config(shapes: Mapping[str, Sequence[int]], image_size: int | None = N
         kwargs["embed_dim"] = _shape(shapes, "vision_proj.weight")[0]
     if "image_queue" in shapes:
         kwargs["queue_size"] = _shape(shapes, "image_queue")[1]
+    merged_layers = [
+        int(match.group(1))
+        for key in shapes
+        if (match := re.match(r"text_encoder\.encoder\.layer\.(\d+)\.crossattention\.output\.merge_layer\.", key))
+    ]
+    if merged_layers:  # an NLVR2 checkpoint: its first layer that concatenates the two images' attention outputs
+        kwargs["nlvr_merge_from_layer"] = min(merged_layers)
     return BlipConfig(
         text_config=_infer_text_config(shapes), vision_config=_infer_vision_config(shapes, image_size), **kwargs
     )
@@ -226,11 +236,6 @@ def infer_config(shapes: Mapping[str, Sequence[int]], image_size: int | None = N
 
 def resolve_head(head: str | type[BlipPreTrainedModel], variant: str) -> type[BlipPreTrainedModel]:
     """The head class for `head` (a name of `HEADS`, a class name, a class or "auto") and a checkpoint variant."""
-    if variant == "nlvr":
-        raise NotImplementedError(
-            "this is an NLVR2 checkpoint (two cross-attentions per text layer and `cls_head`): transformers-blip has "
-            "no NLVR2 head yet, so it cannot be loaded without losing the parts that make it an NLVR2 model"
-        )
     if isinstance(head, type):
         return head
     if head == "auto":
@@ -305,34 +310,67 @@ def plan_conversion(
     report = plan.report
 
     for original_key, shape in original_shapes.items():
-        shape, our_key = tuple(shape), to_ours(original_key)
-        if our_key not in model_shapes:
-            expected, reason = _why_not_in_head(original_key, our_key, head_modules, head)
-            (report.dropped_expected if expected else report.dropped_unexpected)[original_key] = reason
-            continue
-        model_shape = model_shapes[our_key]
-        if shape != model_shape:
-            if not (_is_vit_position_embedding(our_key) and _resizable(shape, model_shape)):
-                report.dropped_unexpected[original_key] = f"shape {shape} in the checkpoint, {model_shape} in {head}"
-                continue
-            report.resized[our_key] = (shape, model_shape)
-        if our_key in tied:
-            # The model shares this tensor with another it loads: storing it twice would only risk disagreement.
-            plan.tied_duplicates[original_key] = our_key
-            source = to_original(_tied_root(our_key, tied))
-            report.dropped_expected[original_key] = f"tied duplicate: the same tensor as {source}"
-            continue
-        plan.sources[our_key] = original_key
-        report.loaded.append(our_key)
+        for our_key in _our_keys(original_key, model_shapes):
+            _plan_tensor(plan, original_key, tuple(shape), our_key, model_shapes, head_modules, tied)
 
     for our_key in model_shapes:
         if our_key in plan.sources or our_key in tied:
             continue  # a tied tensor is filled, or missing, with the one it is tied to
         if our_key in DEFAULTED:
             report.defaulted[our_key] = DEFAULTED[our_key]
+        elif variant != "nlvr" and re.search(NEW_IN_NLVR_HEAD, our_key):
+            report.defaulted[our_key] = NEW_IN_NLVR_HEAD_REASON
         else:
             report.missing.append(our_key)
     return plan
+
+
+NEW_IN_NLVR_HEAD_REASON = "new in the NLVR2 head: randomly initialised, as the original fine-tuning starts"
+
+
+def _our_keys(original_key: str, model_shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """Where an original tensor goes: its renamed key, or, for a model with two cross-attentions per layer (NLVR2)
+    and a checkpoint with one, both copies of it, as the original `blip_nlvr` initialises them."""
+    our_key = to_ours(original_key)
+    if our_key in model_shapes:
+        return [our_key]
+    for single, pair in ((".crossattention.self.", ".crossattention.self{}."), (".output.dense.", ".output.dense{}.")):
+        if ".crossattention." in our_key and single in our_key:
+            copies = [our_key.replace(single, pair.format(index)) for index in (0, 1)]
+            if all(copy_key in model_shapes for copy_key in copies):
+                return copies
+    return [our_key]
+
+
+def _plan_tensor(
+    plan: ConversionPlan,
+    original_key: str,
+    shape: tuple[int, ...],
+    our_key: str,
+    model_shapes: Mapping[str, tuple[int, ...]],
+    head_modules: set[str],
+    tied: Mapping[str, str],
+) -> None:
+    """Decides what happens to one original tensor bound for `our_key`, and records it in the plan and report."""
+    report, head = plan.report, plan.report.head
+    if our_key not in model_shapes:
+        expected, reason = _why_not_in_head(original_key, our_key, head_modules, head)
+        (report.dropped_expected if expected else report.dropped_unexpected)[original_key] = reason
+        return
+    model_shape = model_shapes[our_key]
+    if shape != model_shape:
+        if not (_is_vit_position_embedding(our_key) and _resizable(shape, model_shape)):
+            report.dropped_unexpected[original_key] = f"shape {shape} in the checkpoint, {model_shape} in {head}"
+            return
+        report.resized[our_key] = (shape, model_shape)
+    if our_key in tied:
+        # The model shares this tensor with another it loads: storing it twice would only risk disagreement.
+        plan.tied_duplicates[original_key] = our_key
+        source = to_original(_tied_root(our_key, tied))
+        report.dropped_expected[original_key] = f"tied duplicate: the same tensor as {source}"
+        return
+    plan.sources[our_key] = original_key
+    report.loaded.append(our_key)
 
 
 # ---- Loading -------------------------------------------------------------------------------------------------------
@@ -419,16 +457,15 @@ def load_original_checkpoint(
 
     Args:
         checkpoint: a `.pth` path (read with `weights_only=True`), the loaded `{"model": ...}` dict or its state dict.
-        head: `"auto"` (captioning, ITM/retrieval and VQA checkpoints load into their own head), one of `HEADS`
-            (`"captioning"`, `"retrieval"`, `"vqa"`, `"features"`, `"pretraining"`: a pretraining checkpoint serves
-            them all, so it needs one), a head class or its name.
+        head: `"auto"` (captioning, ITM/retrieval, VQA and NLVR2 checkpoints load into their own head), one of
+            `HEADS` (`"captioning"`, `"retrieval"`, `"vqa"`, `"nlvr"`, `"features"`, `"pretraining"`: a pretraining
+            checkpoint serves them all, so it needs one), a head class or its name.
         image_size: input size of the model; the ViT position embeddings are resized bicubically when it differs
             from the checkpoint's, as the original fine-tuning does (224 -> 384 -> 480).
         config: the model's config; by default inferred from the tensor shapes (`infer_config`).
 
     Returns:
-        `(model, report)`: the head in eval mode and a [`ConversionReport`]. NLVR2 checkpoints raise
-        `NotImplementedError` (no NLVR2 head yet).
+        `(model, report)`: the head in eval mode and a [`ConversionReport`].
     """
     state_dict = read_original_state_dict(checkpoint)
     variant = detect_variant(state_dict)

@@ -10,7 +10,10 @@ names:
 - retrieval ([`BlipForImageTextRetrieval`]): the ViT, the text encoder, both projections, the ITM head and the
   temperature;
 - VQA ([`BlipForQuestionAnswering`]): the ViT, the text encoder as the question encoder, and the pretraining decoder
-  as the answer decoder (an independent copy from then on), as the original `blip_vqa` loads it.
+  as the answer decoder (an independent copy from then on), as the original `blip_vqa` loads it;
+- NLVR2 ([`BlipForVisualReasoning`]): the ViT and the text encoder, whose cross-attention initialises both of each
+  layer's image attentions (`self0`, `self1`) and their projections (`dense0`, `dense1`), as the original
+  `blip_nlvr` loads it. The merge layers and the classifier are new (randomly initialised, not warned about).
 
 What a head has no place for (momentum encoders, queues, modules of other heads) is dropped silently, because it is
 expected; anything else that does not fit (an unknown key, a missing one, a shape that differs) is named in a
@@ -20,6 +23,7 @@ warning. ViT position embeddings are resized bicubically when the head's image s
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 from transformers.utils import logging
@@ -33,6 +37,22 @@ logger = logging.get_logger(__name__)
 _POSITION_EMBEDDING = "vision_model.embeddings.position_embedding"
 # State of the pretraining model that no task head keeps.
 _PRETRAINING_ONLY = ("image_queue", "text_queue", "idx_queue", "queue_ptr")
+
+
+# The NLVR2 head's two cross-attentions per layer start from the one cross-attention of the pretraining model.
+_PAIR_ATTENTION_SOURCES = (
+    (re.compile(r"\.crossattention\.self[01]\."), ".crossattention.self."),
+    (re.compile(r"\.crossattention\.output\.dense[01]\."), ".crossattention.output.dense."),
+)
+# Modules a head adds on top of what pretraining learns.
+_NEW_IN_HEAD = re.compile(r"(^cls_head\.|\.crossattention\.output\.merge_layer\.)")
+
+
+def _source_key(key: str) -> str:
+    """The pretraining model's name of the tensor that initialises the head's `key`."""
+    for pattern, replacement in _PAIR_ATTENTION_SOURCES:
+        key = pattern.sub(replacement, key)
+    return key
 
 
 def _is_pretraining_only(key: str) -> bool:
@@ -57,12 +77,12 @@ def task_head_from_pretraining(
     Builds a task head initialised from a pretraining model.
 
     Args:
-        model_class: the head, e.g. [`BlipForConditionalGeneration`], [`BlipForImageTextRetrieval`] or
-            [`BlipForQuestionAnswering`].
+        model_class: the head, e.g. [`BlipForConditionalGeneration`], [`BlipForImageTextRetrieval`],
+            [`BlipForQuestionAnswering`] or [`BlipForVisualReasoning`].
         pretraining: a [`BlipForPreTraining`] or the directory it was saved to (a Trainer checkpoint too).
         config: the head's config, e.g. with a larger `vision_config.image_size`; defaults to the pretraining one.
         output_loading_info: also return `{"missing_keys", "unexpected_keys", "mismatched_keys"}`, the problems
-            that were warned about.
+            that were warned about, and `"new_keys"`, the head's own modules that pretraining has no weights for.
 
     Returns:
         The head in eval mode (and the loading info).
@@ -77,33 +97,46 @@ def task_head_from_pretraining(
     head_modules = {name for name, _ in model.named_children()} | {
         name for name, _ in model.named_parameters(recurse=False)
     }
-    state_dict, mismatched = {}, []
+    state_dict, mismatched, used = {}, [], set()
     for key, tensor in target.items():
-        if key not in source:
+        source_key = _source_key(key)
+        if source_key not in source:
             continue
-        value = source[key]
+        used.add(source_key)
+        value = source[source_key]
         if value.shape != tensor.shape and key == _POSITION_EMBEDDING:
             value = _resized_position_embedding(pretraining, tensor.shape)
         if value.shape != tensor.shape:
             mismatched.append(f"{key}: {tuple(value.shape)} in the checkpoint, {tuple(tensor.shape)} in the model")
             continue
         state_dict[key] = value
-    missing = sorted(key for key in target if key not in source)
+    new = sorted(key for key in target if _source_key(key) not in source and _NEW_IN_HEAD.search(key))
+    missing = sorted(key for key in target if _source_key(key) not in source and key not in new)
     unexpected = sorted(
         key
         for key in source
-        if key not in target and not _is_pretraining_only(key) and key.split(".", 1)[0] in head_modules
+        if key not in target
+        and key not in used
+        and not _is_pretraining_only(key)
+        and key.split(".", 1)[0] in head_modules
     )
     model.load_state_dict(state_dict, strict=False)
     model.tie_weights()
 
     head = model_class.__name__
+    if new:
+        logger.info(f"{head} from pretraining: {len(new)} weights of its own are newly initialised: {new}")
     for problem, keys in (("missing from", missing), ("unexpected in", unexpected), ("not loaded from", mismatched)):
         if keys:
             logger.warning(f"{head} from pretraining: {len(keys)} weights {problem} the checkpoint: {keys}")
     model.eval()
     if output_loading_info:
-        return model, {"missing_keys": missing, "unexpected_keys": unexpected, "mismatched_keys": mismatched}
+        return model, {
+            "missing_keys": missing,
+            "unexpected_keys": unexpected,
+            "mismatched_keys": mismatched,
+            "new_keys": new,
+        }
     return model
 
 
