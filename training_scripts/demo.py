@@ -69,7 +69,7 @@ def main() -> None:
     )["test"]  # fmt: skip
     print(f"\nCaptions of {args.num_images} held-out images (beam search, 3 beams):")
     for index, row in enumerate(held_out):
-        caption = captioner_pipeline(row["image"], max_length=30)[0]["generated_text"]
+        caption = captioner_pipeline(row["image"], max_length=40)[0]["generated_text"]
         print(f"\nimage {index}: {caption}")
         for reference in row["captions"][:2]:
             print(textwrap.fill(reference, width=110, initial_indent="    reference: ", subsequent_indent=" " * 15))
