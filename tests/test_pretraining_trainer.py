@@ -6,9 +6,11 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ from transformers_blip.training import (
     DecodingCollator,
     ImageTextCollator,
     MomentumUpdateCallback,
+    check_processes_train_together,
     with_caption_lengths,
 )
 
@@ -243,3 +246,35 @@ def test_script_pretrains_with_batches_of_similar_caption_length(tmp_path):
     assert all(name in state["log_history"][0] for name in ("loss_itc", "loss_itm", "loss_lm"))
     recall = json.loads((tmp_path / "held_out_results.json").read_text())
     assert recall["chance_r1"] == 25.0  # 4 held-out images
+
+
+def test_script_trains_two_processes_together_under_accelerate_launch(tmp_path):
+    launcher = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+    ]  # fmt: skip
+    arguments = [
+        "--output_dir", str(tmp_path), "--image_size", "32", "--synthetic_num_human", "8", "--synthetic_num_web", "8",
+        "--synthetic_num_test", "4", "--vocab_size", "200", "--max_steps", "3", "--per_device_train_batch_size", "4",
+        "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true", "--queue_size", "16",
+        "--itc_global_keys", "true",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*launcher, str(SCRIPT), *arguments], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    # 8 x 5 clean + 8 web = 48 pairs; 2 processes x 4 = 8 pairs per step: 3 steps are half an epoch (one process
+    # alone would have covered a quarter).
+    assert state["global_step"] == 3 and state["epoch"] == pytest.approx(0.5)
+    for entry in state["log_history"]:
+        if "loss_itc" in entry:  # the loss is the sum of the three means, not scaled by the number of processes
+            assert entry["loss"] == pytest.approx(entry["loss_itc"] + entry["loss_itm"] + entry["loss_lm"], abs=2e-3)
+    assert result.stdout.count("held_out metrics") == 1  # evaluated and reported by the main process only
+
+
+def test_a_launch_that_trainer_would_not_join_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="--use_cpu"):
+        check_processes_train_together(SimpleNamespace(world_size=1))
+    check_processes_train_together(SimpleNamespace(world_size=2))

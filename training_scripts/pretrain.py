@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
 
 from transformers_blip.data import BlipEvalTransform, BlipTrainTransform, DecodeImages, SkipReport
@@ -27,6 +28,7 @@ from transformers_blip.training import (
     BlipPreTrainingTrainer,
     DecodingCollator,
     ImageTextCollator,
+    check_processes_train_together,
     itc_retrieval_recall,
     load_pretraining_pairs,
     optimizer_steps_per_epoch,
@@ -91,13 +93,16 @@ class DataArguments:
 
 def main() -> None:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    # The paper's optimisation (AdamW, lr 3e-4, weight decay 0.05), and columns kept for the collator.
+    # The paper's optimisation (AdamW, lr 3e-4, weight decay 0.05), and columns kept for the collator. Without GPUs
+    # `use_cpu` is what lets Trainer join the processes of `torchrun` / `accelerate launch` (gloo).
     parser.set_defaults(
         output_dir="outputs/pretrain", learning_rate=3e-4, weight_decay=0.05, lr_scheduler_type="cosine",
         warmup_steps=0.05, num_train_epochs=1, per_device_train_batch_size=32, logging_steps=10,
         save_strategy="epoch", report_to="none", remove_unused_columns=False,
+        use_cpu=not torch.accelerator.is_available(),
     )  # fmt: skip
     model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    check_processes_train_together(training_args)
     training_args.remove_unused_columns = False  # the collator reads `image` and `caption`
 
     synthetic_kwargs = {  # --synthetic_seed -> seed, --synthetic_num_human -> num_human, ...

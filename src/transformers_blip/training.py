@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -286,6 +287,20 @@ def with_caption_lengths(dataset: Dataset, text_column: str = "caption") -> Data
     return dataset.map(count_words, batched=True, desc="Counting caption words")
 
 
+def check_processes_train_together(args: TrainingArguments) -> None:
+    """Stops a run launched as several processes (`torchrun`, `accelerate launch`) that Trainer would not join.
+
+    Without an accelerator, `TrainingArguments` joins the launched processes only when `use_cpu` is set; otherwise
+    each process trains alone, on all the data, and every one of them writes to the same output directory.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size != launched:
+        raise RuntimeError(
+            f"launched as {launched} processes, but Trainer would train {args.world_size} model(s) independently; "
+            "on a machine without GPUs pass --use_cpu so that the processes train together (DDP over gloo)"
+        )
+
+
 def optimizer_steps_per_epoch(dataset: Dataset | IterableDataset, args: TrainingArguments) -> int:
     """Optimizer steps in one pass over `dataset` on all ranks (`max_steps` for a stream of unknown length)."""
     if isinstance(dataset, IterableDataset):
@@ -437,6 +452,7 @@ __all__ = [
     "ImageTextCollator",
     "DecodingCollator",
     "MomentumUpdateCallback",
+    "check_processes_train_together",
     "itc_features",
     "itc_retrieval_recall",
     "load_pretraining_pairs",
