@@ -35,13 +35,8 @@ from transformers_blip.convert.original import (
     resolve_head,
     save_original_checkpoint,
 )
-from transformers_blip.convert.original_layout import (
-    NEW_IN_NLVR_HEAD,
-    detect_variant,
-    to_original,
-    to_ours,
-    top_module,
-)
+from transformers_blip.convert.original_layout import detect_variant, to_original, to_ours, top_module
+from transformers_blip.modeling_nlvr import NEW_IN_NLVR_HEAD
 from transformers_blip.modeling_pretraining import BlipForPreTraining
 
 KEY_FILES = Path(__file__).parent / "fixtures" / "original_keys"
@@ -160,7 +155,7 @@ def test_every_released_tensor_has_a_place(name, variant, head, vit):
     elif head_class is BlipForVisualReasoning and variant != "nlvr":
         # A pretraining checkpoint has no classifier and no merge layers (layers 6-11): both start random.
         assert len(report.defaulted) == 4 + 6 * 2
-        assert all(re.search(NEW_IN_NLVR_HEAD, key) for key in report.defaulted)
+        assert all(NEW_IN_NLVR_HEAD.search(key) for key in report.defaulted)
         layer = "text_encoder.encoder.layer.3.crossattention."
         for copy_index in (0, 1):
             assert plan.sources[f"{layer}self{copy_index}.query.weight"] == f"{layer}self.query.weight"

@@ -10,6 +10,7 @@ load as they are (`convert.original.load_original_checkpoint`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,18 @@ from .configuration_blip import BlipConfig, BlipTextConfig
 from .modeling_blip import BlipPreTrainedModel, check_batch_sizes, replace_first_token
 from .modeling_med import BlipTextModel, BlipTextSelfAttention, ImageKeyValues
 from .modeling_vision import BlipVisionModel
+
+# Each of a layer's two image attentions, and their projections, starts from the one cross-attention that the other
+# BLIP models have: `self0`, `self1` <- `self`; `dense0`, `dense1` <- `dense`.
+_PAIR_ATTENTION_COPY = re.compile(r"(\.crossattention\.(?:self|output\.dense))[01]\.")
+# Tensors of the NLVR2 head that no other BLIP model has: new when the head starts from one of them.
+NEW_IN_NLVR_HEAD = re.compile(r"^cls_head\.|\.crossattention\.output\.merge_layer\.")
+
+
+def single_attention_name(key: str) -> str:
+    """The name, in a model with one cross-attention per layer, of the tensor that initialises the NLVR2 head's
+    `key` (`...crossattention.self1.query.weight` -> `...crossattention.self.query.weight`); other keys as they are."""
+    return _PAIR_ATTENTION_COPY.sub(r"\1.", key)
 
 
 @dataclass
@@ -170,4 +183,11 @@ class BlipForVisualReasoning(BlipPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-__all__ = ["BlipForVisualReasoning", "BlipPairCrossAttention", "BlipVisualReasoningOutput", "PairKeyValues"]
+__all__ = [
+    "NEW_IN_NLVR_HEAD",
+    "BlipForVisualReasoning",
+    "BlipPairCrossAttention",
+    "BlipVisualReasoningOutput",
+    "PairKeyValues",
+    "single_attention_name",
+]

@@ -35,13 +35,12 @@ from ..modeling_blip import (
     BlipModel,
     BlipPreTrainedModel,
 )
-from ..modeling_nlvr import BlipForVisualReasoning
+from ..modeling_nlvr import NEW_IN_NLVR_HEAD, BlipForVisualReasoning, single_attention_name
 from ..modeling_pretraining import BlipForPreTraining
 from ..modeling_vision import BlipVisionEmbeddings
 from .original_layout import (
     DEFAULT_HEAD_OF_VARIANT,
     DEFAULTED,
-    NEW_IN_NLVR_HEAD,
     ORIGINAL_MODULES,
     detect_variant,
     to_original,
@@ -61,6 +60,9 @@ HEADS: dict[str, type[BlipPreTrainedModel]] = {
     "pretraining": BlipForPreTraining,
     "nlvr": BlipForVisualReasoning,
 }
+
+# Why the NLVR2 head's merge layers and classifier get no value from a checkpoint of another variant.
+NEW_IN_NLVR_HEAD_REASON = "new in the NLVR2 head: randomly initialised, as the original fine-tuning starts"
 
 # The original text model's settings that shapes do not reveal (its `configs/med_config.json`, BERT-base).
 ORIGINAL_TEXT_SETTINGS = dict(
@@ -309,37 +311,26 @@ def plan_conversion(
     plan = ConversionPlan(report=ConversionReport(variant=variant, head=head))
     report = plan.report
 
+    # NLVR2 from a checkpoint with one cross-attention per layer: each of its tensors fills two of ours.
+    copies = defaultdict(list)
+    for our_key in model_shapes:
+        if single_attention_name(our_key) != our_key:
+            copies[single_attention_name(our_key)].append(our_key)
     for original_key, shape in original_shapes.items():
-        for our_key in _our_keys(original_key, model_shapes):
-            _plan_tensor(plan, original_key, tuple(shape), our_key, model_shapes, head_modules, tied)
+        our_key = to_ours(original_key)
+        for target in [our_key] if our_key in model_shapes else copies.get(our_key, [our_key]):
+            _plan_tensor(plan, original_key, tuple(shape), target, model_shapes, head_modules, tied)
 
     for our_key in model_shapes:
         if our_key in plan.sources or our_key in tied:
             continue  # a tied tensor is filled, or missing, with the one it is tied to
         if our_key in DEFAULTED:
             report.defaulted[our_key] = DEFAULTED[our_key]
-        elif variant != "nlvr" and re.search(NEW_IN_NLVR_HEAD, our_key):
+        elif variant != "nlvr" and NEW_IN_NLVR_HEAD.search(our_key):
             report.defaulted[our_key] = NEW_IN_NLVR_HEAD_REASON
         else:
             report.missing.append(our_key)
     return plan
-
-
-NEW_IN_NLVR_HEAD_REASON = "new in the NLVR2 head: randomly initialised, as the original fine-tuning starts"
-
-
-def _our_keys(original_key: str, model_shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
-    """Where an original tensor goes: its renamed key, or, for a model with two cross-attentions per layer (NLVR2)
-    and a checkpoint with one, both copies of it, as the original `blip_nlvr` initialises them."""
-    our_key = to_ours(original_key)
-    if our_key in model_shapes:
-        return [our_key]
-    for single, pair in ((".crossattention.self.", ".crossattention.self{}."), (".output.dense.", ".output.dense{}.")):
-        if ".crossattention." in our_key and single in our_key:
-            copies = [our_key.replace(single, pair.format(index)) for index in (0, 1)]
-            if all(copy_key in model_shapes for copy_key in copies):
-                return copies
-    return [our_key]
 
 
 def _plan_tensor(

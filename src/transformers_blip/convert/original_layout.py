@@ -70,8 +70,6 @@ DEFAULTED = {
 
 # Top-level modules that only NLVR2 checkpoints have (their classifier).
 NLVR_MODULES = {"cls_head"}
-# Tensors of the NLVR2 head that no other checkpoint has (a pattern on our names): new when it starts from one.
-NEW_IN_NLVR_HEAD = r"(^cls_head\.|\.crossattention\.output\.merge_layer\.)"
 
 # Which of our heads each variant loads into when the caller does not say. The pretraining checkpoints
 # (`model_base.pth`, `model_large.pth`, `model_base_capfilt_large.pth`) serve every head, so the caller chooses.
@@ -157,7 +155,6 @@ def detect_variant(original_keys: Iterable[str]) -> str:
 __all__ = [
     "DEFAULTED",
     "DEFAULT_HEAD_OF_VARIANT",
-    "NEW_IN_NLVR_HEAD",
     "ORIGINAL_MODULES",
     "VISION_MODULE_RENAMES",
     "UNUSED_TENSORS",

@@ -23,13 +23,13 @@ warning. ViT position embeddings are resized bicubically when the head's image s
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 from transformers.utils import logging
 
 from ..configuration_blip import BlipConfig
 from ..modeling_blip import BlipPreTrainedModel
+from ..modeling_nlvr import NEW_IN_NLVR_HEAD, single_attention_name
 from ..modeling_pretraining import BlipForPreTraining
 
 logger = logging.get_logger(__name__)
@@ -37,22 +37,6 @@ logger = logging.get_logger(__name__)
 _POSITION_EMBEDDING = "vision_model.embeddings.position_embedding"
 # State of the pretraining model that no task head keeps.
 _PRETRAINING_ONLY = ("image_queue", "text_queue", "idx_queue", "queue_ptr")
-
-
-# The NLVR2 head's two cross-attentions per layer start from the one cross-attention of the pretraining model.
-_PAIR_ATTENTION_SOURCES = (
-    (re.compile(r"\.crossattention\.self[01]\."), ".crossattention.self."),
-    (re.compile(r"\.crossattention\.output\.dense[01]\."), ".crossattention.output.dense."),
-)
-# Modules a head adds on top of what pretraining learns.
-_NEW_IN_HEAD = re.compile(r"(^cls_head\.|\.crossattention\.output\.merge_layer\.)")
-
-
-def _source_key(key: str) -> str:
-    """The pretraining model's name of the tensor that initialises the head's `key`."""
-    for pattern, replacement in _PAIR_ATTENTION_SOURCES:
-        key = pattern.sub(replacement, key)
-    return key
 
 
 def _is_pretraining_only(key: str) -> bool:
@@ -99,7 +83,7 @@ def task_head_from_pretraining(
     }
     state_dict, mismatched, used = {}, [], set()
     for key, tensor in target.items():
-        source_key = _source_key(key)
+        source_key = single_attention_name(key)
         if source_key not in source:
             continue
         used.add(source_key)
@@ -110,15 +94,13 @@ def task_head_from_pretraining(
             mismatched.append(f"{key}: {tuple(value.shape)} in the checkpoint, {tuple(tensor.shape)} in the model")
             continue
         state_dict[key] = value
-    new = sorted(key for key in target if _source_key(key) not in source and _NEW_IN_HEAD.search(key))
-    missing = sorted(key for key in target if _source_key(key) not in source and key not in new)
+    absent = [key for key in target if single_attention_name(key) not in source]
+    new = sorted(key for key in absent if NEW_IN_NLVR_HEAD.search(key))  # the head's own modules: expected
+    missing = sorted(key for key in absent if not NEW_IN_NLVR_HEAD.search(key))
     unexpected = sorted(
         key
         for key in source
-        if key not in target
-        and key not in used
-        and not _is_pretraining_only(key)
-        and key.split(".", 1)[0] in head_modules
+        if key not in used and not _is_pretraining_only(key) and key.split(".", 1)[0] in head_modules
     )
     model.load_state_dict(state_dict, strict=False)
     model.tie_weights()
