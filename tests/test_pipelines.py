@@ -179,3 +179,38 @@ def test_push_to_hub_uploads_everything_with_a_model_card(saved_captioner, monke
     assert {"model.safetensors", "config.json", "pipelines.py", "modeling_blip.py", "README.md"} <= calls["files"]
     assert "pipeline_tag: image-to-text" in calls["card"] and "someone/blip-captioner" in calls["card"]
     assert "image-to-text" in calls["config"]["custom_pipelines"]
+
+
+@torch.no_grad()
+def test_zero_shot_image_classification_ranks_labels_by_itc(tmp_path, config, processor):
+    torch.manual_seed(0)
+    model = BlipModel(config).eval()
+    model.temp.fill_(0.01)  # sharper than at initialisation, so that the scores differ clearly
+    path = tmp_path / "features"
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    image, labels = random_image(0), ["red square", "blue circle", "green triangle"]
+    image.save(tmp_path / "image.png")
+
+    # The expected scores: a softmax over the ITC logits of the image with each label in the pipeline's template.
+    texts = processor(text=[f"This is a photo of {label}." for label in labels], padding=True, return_tensors="pt")
+    pixels = processor(images=image, return_tensors="pt").pixel_values
+    output = model(input_ids=texts.input_ids, attention_mask=texts.attention_mask, pixel_values=pixels)
+    logits = output.logits_per_image  # (1, labels)
+    expected = dict(zip(labels, logits.softmax(dim=-1)[0].tolist()))
+    assert max(expected.values()) - min(expected.values()) > 1e-3
+
+    scores = pipeline("zero-shot-image-classification", model=str(path))(image, candidate_labels=labels)
+    assert {row["label"]: row["score"] for row in scores} == pytest.approx(expected, abs=1e-5)
+    out = run_without_package(
+        f"""
+        import json
+        from PIL import Image
+        from transformers import pipeline
+        classifier = pipeline("zero-shot-image-classification", model={str(path)!r}, trust_remote_code=True)
+        scores = classifier(Image.open({str(tmp_path / "image.png")!r}), candidate_labels={labels!r})
+        print(json.dumps({{"class": type(classifier.model).__module__, "scores": scores}}))
+        """
+    )
+    assert out["class"].startswith("transformers_modules")
+    assert {row["label"]: row["score"] for row in out["scores"]} == pytest.approx(expected, abs=1e-5)

@@ -11,6 +11,7 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoModelForPreTraining,
     AutoModelForVisualQuestionAnswering,
+    AutoModelForZeroShotImageClassification,
     AutoProcessor,
 )
 
@@ -47,6 +48,7 @@ def _register_with_auto_classes() -> None:
     for config_class in (BlipConfig, BlipTextConfig, BlipVisionConfig):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
     AutoModel.register(BlipConfig, BlipModel, exist_ok=True)
+    AutoModelForZeroShotImageClassification.register(BlipConfig, BlipModel, exist_ok=True)
     AutoModel.register(BlipVisionConfig, BlipVisionModel, exist_ok=True)
     AutoModel.register(BlipTextConfig, BlipTextModel, exist_ok=True)
     AutoModelForImageTextToText.register(BlipConfig, BlipForConditionalGeneration, exist_ok=True)

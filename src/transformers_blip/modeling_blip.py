@@ -154,6 +154,8 @@ class BlipPreTrainedModel(PreTrainedModel):
     # The pipeline tasks a saved model of this head serves, and the hub's tag for its model card.
     pipeline_tasks: tuple[str, ...] = ()
     pipeline_tag: str | None = None
+    # Auto classes besides the registered one that load this head from a saved directory with remote code.
+    extra_auto_classes: tuple[str, ...] = ()
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -165,6 +167,10 @@ class BlipPreTrainedModel(PreTrainedModel):
         """Saves weights (safetensors) and config, plus the pipeline file and a model card naming the task."""
         if self.pipeline_tasks:
             self.config.custom_pipelines = custom_pipelines_for(self.pipeline_tasks)
+        if self._auto_class is not None and self.extra_auto_classes:
+            module_file = type(self).__module__.rsplit(".", 1)[-1]
+            extra = dict.fromkeys(self.extra_auto_classes, f"{module_file}.{type(self).__name__}")
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **extra}
         super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
         if is_main_process:
             add_pipeline_files(save_directory, self.pipeline_tasks)
@@ -208,6 +214,8 @@ class BlipModel(_ItcMixin, BlipPreTrainedModel):
     """Image, text and multimodal features, and the ITC similarity with the learned temperature."""
 
     pipeline_tag = "feature-extraction"
+    # pipeline("zero-shot-image-classification") ranks candidate labels by `logits_per_image`, as for CLIP.
+    extra_auto_classes = ("AutoModelForZeroShotImageClassification",)
 
     def __init__(self, config: BlipConfig):
         super().__init__(config)
