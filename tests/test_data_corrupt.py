@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from transformers_blip.benchmark.export import write_webdataset_shards
 from transformers_blip.data import (
     BadSampleError,
     BlipEvalTransform,
@@ -24,7 +25,6 @@ from transformers_blip.data import (
     load_image_folder,
     load_webdataset,
 )
-from transformers_blip.data.export import write_webdataset_shards
 
 
 def encode(image: Image.Image, format: str = "PNG") -> bytes:

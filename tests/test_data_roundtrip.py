@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 from datasets import concatenate_datasets
 
+from transformers_blip.benchmark import build_synthetic_benchmark, export_benchmark
 from transformers_blip.data import (
     SkipReport,
-    build_synthetic_benchmark,
-    export_benchmark,
     flatten_captions,
     load_caption_json,
     load_coco_karpathy,
@@ -19,6 +18,7 @@ from transformers_blip.data import (
     load_parquet,
     load_vqa,
     load_webdataset,
+    stream_parquet,
     vqa_answer_list,
 )
 
@@ -105,8 +105,14 @@ def test_parquet(exported, report, split, tmp_path):
 
 def test_parquet_streaming(exported, report):
     benchmark, root, _ = exported
-    streamed = load_parquet(root / "parquet" / "web.parquet", streaming=True, report=report)
+    streamed = stream_parquet(root / "parquet" / "web.parquet", report=report)
     assert_same_records(streamed, benchmark["web"])
+
+
+def test_load_parquet_refuses_streaming_and_points_at_stream_parquet(exported):
+    _, root, _ = exported
+    with pytest.raises(ValueError, match="stream_parquet"):
+        load_parquet(root / "parquet" / "web.parquet", streaming=True)
 
 
 def test_webdataset(exported, report):

@@ -10,8 +10,8 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from transformers_blip.data import SkipReport, expand_shards, load_parquet, load_webdataset, stream_parquet
-from transformers_blip.data.export import write_webdataset_shards
+from transformers_blip.benchmark.export import write_webdataset_shards
+from transformers_blip.data import SkipReport, expand_shards, load_webdataset, stream_parquet
 
 
 def png() -> bytes:
@@ -82,7 +82,7 @@ def test_parquet_streams_split_by_rank(tmp_path):
         stream = stream_parquet(files[:4], rank=rank, world_size=2, report=report)
         captions += [row["caption"] for row in DataLoader(stream, batch_size=None, num_workers=2)]
     assert sorted(captions) == sorted(f"part {p} row {i}" for p in range(4) for i in range(5))
-    list(load_parquet(files, streaming=True, report=report))
+    list(stream_parquet(files, report=report))
     assert [entry.reason for entry in report.skipped] == ["broken_shard"]
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transformers_blip.data import build_synthetic_benchmark, flatten_captions, pre_caption, pre_question
-from transformers_blip.data.synthetic import save_sample_grid
-from transformers_blip.data.synthetic_language import (
+from transformers_blip.benchmark import build_synthetic_benchmark
+from transformers_blip.benchmark.build import save_sample_grid
+from transformers_blip.benchmark.language import (
     NOISE_KINDS,
     QUESTION_TYPES,
     SHAPE_WORDS,
@@ -20,7 +20,8 @@ from transformers_blip.data.synthetic_language import (
     vqa_question,
     web_caption,
 )
-from transformers_blip.data.synthetic_scenes import COLORS, render_scene, sample_scene
+from transformers_blip.benchmark.scenes import COLORS, render_scene, sample_scene
+from transformers_blip.data import flatten_captions, pre_caption, pre_question
 
 TINY = dict(image_size=32, num_human=10, num_web=40, num_val=4, num_test=6, num_vqa=30, num_nlvr=12)
 

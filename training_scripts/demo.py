@@ -20,8 +20,8 @@ import textwrap
 from transformers import AutoTokenizer, pipeline
 
 from transformers_blip import BlipForConditionalGeneration
+from transformers_blip.benchmark import build_synthetic_benchmark
 from transformers_blip.convert.pretraining import task_head_from_pretraining
-from transformers_blip.data import build_synthetic_benchmark
 from transformers_blip.processing_blip import build_processor
 
 PRETRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain.py")

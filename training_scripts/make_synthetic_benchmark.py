@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from transformers_blip.data import EXPORT_FORMATS, build_synthetic_benchmark, export_benchmark, save_sample_grid
+from transformers_blip.benchmark import EXPORT_FORMATS, build_synthetic_benchmark, export_benchmark, save_sample_grid
 
 
 @dataclass

@@ -21,6 +21,7 @@ import torch
 from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
 
 from transformers_blip.data import BlipEvalTransform, BlipTrainTransform, DecodeImages, SkipReport
+from transformers_blip.evaluation import itc_retrieval_recall
 from transformers_blip.modeling_pretraining import BlipForPreTraining
 from transformers_blip.processing_blip import build_tokenizer, text_config_token_kwargs
 from transformers_blip.training import (
@@ -29,7 +30,6 @@ from transformers_blip.training import (
     DecodingCollator,
     ImageTextCollator,
     check_processes_train_together,
-    itc_retrieval_recall,
     load_pretraining_pairs,
     optimizer_steps_per_epoch,
     pretraining_config,

@@ -1,7 +1,10 @@
-"""Data for BLIP: the synthetic benchmark, loaders for real formats, robust decoding, transforms, text cleaning."""
+"""Data for BLIP: loaders for real formats, robust decoding, skips, streaming, transforms, text cleaning.
+
+The synthetic benchmark lives in `transformers_blip.benchmark`; its names are still importable from here for one
+more release.
+"""
 
 from .decoding import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, decode_text, load_image, to_rgb
-from .export import EXPORT_FORMATS, export_benchmark
 from .loaders import (
     load_caption_json,
     load_coco_karpathy,
@@ -16,7 +19,6 @@ from .pairs import flatten_captions
 from .robust import DecodeImages, SkippingCollator, collate_rows, drop_skipped
 from .skips import SKIP_REASONS, BadSampleError, SkippedSample, SkipReport
 from .streaming import expand_shards, load_webdataset, stream_parquet
-from .synthetic import build_synthetic_benchmark, save_sample_grid
 from .text import MAX_WORDS, mentions_sides, pre_caption, pre_question, swap_sides
 from .transforms import (
     BLIP_AUGMENTATIONS,
@@ -35,7 +37,6 @@ __all__ = [
     "BLIP_IMAGE_STD",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MIN_SIDE",
-    "EXPORT_FORMATS",
     "MAX_WORDS",
     "SKIP_REASONS",
     "BadSampleError",
@@ -46,12 +47,10 @@ __all__ = [
     "SkipReport",
     "SkippedSample",
     "SkippingCollator",
-    "build_synthetic_benchmark",
     "collate_rows",
     "decode_text",
     "drop_skipped",
     "expand_shards",
-    "export_benchmark",
     "flatten_captions",
     "load_caption_json",
     "load_coco_karpathy",
@@ -65,7 +64,6 @@ __all__ = [
     "mirror_pair",
     "pre_caption",
     "pre_question",
-    "save_sample_grid",
     "stream_parquet",
     "swap_sides",
     "to_normalized_tensor",
@@ -73,3 +71,19 @@ __all__ = [
     "vqa_answer_list",
     "vqa_answer_weights",
 ]
+
+
+_MOVED_TO_BENCHMARK = ("EXPORT_FORMATS", "build_synthetic_benchmark", "export_benchmark", "save_sample_grid")
+
+
+def __getattr__(name: str):
+    if name in _MOVED_TO_BENCHMARK:
+        import warnings
+
+        from .. import benchmark
+
+        warnings.warn(
+            f"transformers_blip.data.{name} moved to transformers_blip.benchmark", FutureWarning, stacklevel=2
+        )
+        return getattr(benchmark, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

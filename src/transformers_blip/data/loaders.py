@@ -14,16 +14,16 @@ import itertools
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, Features, IterableDataset, List, Value
+from datasets import Dataset, Features, List, Value
 from datasets import Image as ImageFeature
 
-from .decoding import decode_text, parse_json
+from .annotations import clean_caption, clean_caption_list, read_annotations, required_field
 from .skips import BadSampleError, SkipReport
-from .text import MAX_WORDS, pre_caption, pre_question
+from .text import MAX_WORDS, pre_question
 
 logger = logging.getLogger(__name__)
 
@@ -43,96 +43,6 @@ def _warn_if_skipped(report: SkipReport, before: int, what: str) -> None:
     skipped = len(report) - before
     if skipped:
         logger.warning(f"{what}: skipped {skipped} records. {report.summary()}")
-
-
-# Bytes that are not UTF-8, as `errors="surrogateescape"` keeps them: lone surrogates U+DC80..U+DCFF.
-_UNDECODABLE = re.compile("[\udc80-\udcff]")
-
-
-def _has_undecodable_text(value: Any) -> bool:
-    if isinstance(value, str):
-        return _UNDECODABLE.search(value) is not None
-    if isinstance(value, dict):
-        return any(_has_undecodable_text(item) for item in value.values())
-    if isinstance(value, list):
-        return any(_has_undecodable_text(item) for item in value)
-    return False
-
-
-def _checked(record: Any, source: str) -> Any:
-    if _has_undecodable_text(record):
-        raise BadSampleError(source, "bad_text_encoding", "text that is not UTF-8")
-    return record
-
-
-def read_annotations(path: PathLike, report: SkipReport) -> Iterator[tuple[str, Any]]:
-    """(source, record) for every record of a JSON list file or a JSON-lines (`.jsonl`) file.
-
-    The source names the file and the position (`file:index` for lists, `file:line` for lines). A record holding
-    bytes that are not UTF-8 is skipped alone (the file is read with those bytes kept aside, not replaced), as is a
-    malformed line of a JSON-lines file; a JSON list that does not parse is skipped whole. A missing file raises
-    `FileNotFoundError`: a wrong path is a mistake in the command, not a bad sample.
-    """
-    path = os.fspath(path)
-    text = Path(path).read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
-    if path.endswith(".jsonl"):
-        lines = ((f"{path}:{number}", line) for number, line in enumerate(text.splitlines(), start=1))
-        parsed = ((source, line) for source, line in lines if line.strip())
-    else:
-        parsed = iter([(path, text)])
-    for source, chunk in parsed:
-        try:
-            records = parse_json(chunk, source)
-        except BadSampleError as error:
-            report.record(error)
-            continue
-        if path.endswith(".jsonl"):
-            records = [(source, records)]
-        else:
-            if isinstance(records, dict):  # some releases wrap the list, e.g. {"annotations": [...]}
-                records = next((value for value in records.values() if isinstance(value, list)), [])
-            records = [(f"{path}:{index}", record) for index, record in enumerate(records)]
-        for record_source, record in records:
-            try:
-                yield record_source, _checked(record, record_source)
-            except BadSampleError as error:
-                report.record(error)
-
-
-def _field(record: Any, name: str, source: str, expected: type | tuple[type, ...] = object) -> Any:
-    """`record[name]`, or `BadSampleError(missing_field)` if the record lacks it or it has the wrong type."""
-    if not isinstance(record, dict) or record.get(name) is None:
-        raise BadSampleError(source, "missing_field", f"no {name!r}")
-    if not isinstance(record[name], expected):
-        raise BadSampleError(source, "missing_field", f"{name!r} is a {type(record[name]).__name__}")
-    return record[name]
-
-
-def clean_caption(text: Any, source: str, max_words: int) -> str:
-    """`pre_caption`, raising `BadSampleError` for a caption that is not text or has no words."""
-    if isinstance(text, bytes):
-        text = decode_text(text, source)
-    if not isinstance(text, str):
-        raise BadSampleError(source, "missing_field", f"caption is {type(text).__name__}, not text")
-    caption = pre_caption(text, max_words)
-    if not caption:
-        raise BadSampleError(source, "empty_caption")
-    return caption
-
-
-def _clean_caption_list(texts: Any, source: str, max_words: int, report: SkipReport) -> list[str]:
-    """Clean every caption of a list, skipping (and recording) the empty ones."""
-    if isinstance(texts, str):
-        texts = [texts]
-    captions = []
-    for index, text in enumerate(texts):
-        try:
-            captions.append(clean_caption(text, f"{source}#{index}", max_words))
-        except BadSampleError as error:
-            report.record(error)
-    if not captions:
-        raise BadSampleError(source, "empty_caption", "no usable caption")
-    return captions
 
 
 def _image_value(path: str, image_root: PathLike | None) -> dict:
@@ -195,10 +105,10 @@ def load_coco_karpathy(
     rows, id_keys = [], []
     for source, record in read_annotations(annotation_file, report):
         try:
-            image = _image_value(_field(record, "image", source, str), image_root)
-            captions = _field(record, "caption", source)
+            image = _image_value(required_field(record, "image", source, str), image_root)
+            captions = required_field(record, "caption", source)
             if isinstance(captions, list):
-                row = {"image": image, "captions": _clean_caption_list(captions, source, max_words, report)}
+                row = {"image": image, "captions": clean_caption_list(captions, source, max_words, report)}
             else:
                 row = {"image": image, "caption": clean_caption(captions, source, max_words)}
         except BadSampleError as error:
@@ -234,8 +144,8 @@ def load_caption_json(
     for annotation_file in files:
         for source, record in read_annotations(annotation_file, report):
             try:
-                image = _image_value(_field(record, "image", source, str), image_root)
-                caption = clean_caption(_field(record, "caption", source), source, max_words)
+                image = _image_value(required_field(record, "image", source, str), image_root)
+                caption = clean_caption(required_field(record, "caption", source), source, max_words)
             except BadSampleError as error:
                 report.record(error)
                 continue
@@ -258,7 +168,7 @@ def _clean_metadata_text(record: dict, source: str, max_words: int, report: Skip
         if name in row:
             row[name] = clean_caption(row[name], source, max_words)
     if "captions" in row:
-        row["captions"] = _clean_caption_list(row["captions"], source, max_words, report)
+        row["captions"] = clean_caption_list(row["captions"], source, max_words, report)
     return row
 
 
@@ -285,7 +195,7 @@ def load_image_folder(
     rows = []
     for source, record in read_annotations(metadata_file, report):
         try:
-            file_name = _field(record, "file_name", source, str)
+            file_name = required_field(record, "file_name", source, str)
             row = _clean_metadata_text(record, source, max_words, report)
         except BadSampleError as error:
             report.record(error)
@@ -334,23 +244,21 @@ def load_parquet(
     image_columns: Sequence[str] = ("image",),
     caption_column: str | None = "caption",
     max_words: int = MAX_WORDS["pretrain"],
-    streaming: bool = False,
     cache_dir: PathLike | None = None,
     report: SkipReport | None = None,
-) -> Dataset | IterableDataset:
+    streaming: bool = False,
+) -> Dataset:
     """Parquet files whose image columns hold image bytes (as `Dataset.to_parquet` writes an `Image` column, or a
     plain binary column).
 
     Unreadable files are skipped and reported; the caption column, if any, is cleaned with `pre_caption` and
-    rows whose caption is empty are skipped. With `streaming=True` files are read lazily, one file per shard, and
-    split across ranks and workers like webdataset shards (see `streaming.stream_parquet`).
+    rows whose caption is empty are skipped. Always a `Dataset`: to read files lazily, split across ranks and
+    workers like webdataset shards, call `stream_parquet` (`streaming=True` is refused with that advice).
     """
     files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
     report = _report_or_default(report)
     if streaming:
-        from .streaming import stream_parquet
-
-        return stream_parquet(files, image_columns, caption_column, max_words, report=report)
+        raise ValueError("load_parquet returns a Dataset; for a stream split across ranks call stream_parquet(files)")
     before = len(report)
     readable = _readable_parquet_files(files, report)
     if not readable:
@@ -409,8 +317,10 @@ def vqa_answer_weights(answers: Sequence[str]) -> tuple[list[str], list[float]]:
 
 def _vqa_row(record: dict, source: str, image_roots: dict[str, PathLike | None], max_words: int) -> dict:
     dataset_name = record.get("dataset", "vqa")
-    image = _image_value(_field(record, "image", source, str), image_roots.get(dataset_name, image_roots["vqa"]))
-    question = pre_question(str(_field(record, "question", source)), max_words)
+    image = _image_value(
+        required_field(record, "image", source, str), image_roots.get(dataset_name, image_roots["vqa"])
+    )
+    question = pre_question(str(required_field(record, "question", source)), max_words)
     if not question:
         raise BadSampleError(source, "empty_caption", "empty question")
     answer = record.get("answer", [])
@@ -511,14 +421,14 @@ def load_nlvr(
     for annotation_file in files:
         for source, record in read_annotations(annotation_file, report):
             try:
-                images = _field(record, "images", source, list)
+                images = required_field(record, "images", source, list)
                 if len(images) != 2 or not all(isinstance(image, str) for image in images):
                     raise BadSampleError(source, "missing_field", "'images' is not a pair of paths")
                 row = {
                     "image0": _image_value(images[0], image_root),
                     "image1": _image_value(images[1], image_root),
-                    "sentence": clean_caption(_field(record, "sentence", source), source, max_words),
-                    "label": _nlvr_label(_field(record, "label", source), source),
+                    "sentence": clean_caption(required_field(record, "sentence", source), source, max_words),
+                    "label": _nlvr_label(required_field(record, "label", source), source),
                 }
             except BadSampleError as error:
                 report.record(error)

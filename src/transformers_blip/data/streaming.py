@@ -22,8 +22,8 @@ from typing import Any
 from datasets import IterableDataset
 from datasets.distributed import split_dataset_by_node
 
+from .annotations import clean_caption
 from .decoding import decode_text, parse_json
-from .loaders import clean_caption
 from .skips import BadSampleError, SkipReport
 from .text import MAX_WORDS
 

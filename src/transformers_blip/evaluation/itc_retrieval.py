@@ -1,0 +1,98 @@
+"""Image-text retrieval by ITC similarity alone, and recall@K from a similarity matrix: the held-out check of
+pretraining."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ..data import pre_caption
+from ..training.callbacks import unwrap_model
+
+
+@torch.no_grad()
+def itc_features(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    batch_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised ITC features of images (I, E) and texts (T, E) from the online encoders, in batches."""
+    model = unwrap_model(model)
+    device = next(model.parameters()).device
+    image_feats, text_feats = [], []
+    for start in range(0, pixel_values.shape[0], batch_size):
+        image_embeds = model.vision_model(pixel_values[start : start + batch_size].to(device)).last_hidden_state
+        image_feats.append(F.normalize(model.vision_proj(image_embeds[:, 0]), dim=-1))
+    for start in range(0, input_ids.shape[0], batch_size):
+        text_embeds = model.text_encoder(
+            input_ids[start : start + batch_size].to(device),
+            attention_mask=attention_mask[start : start + batch_size].to(device),
+            mode="text",
+        ).last_hidden_state
+        text_feats.append(F.normalize(model.text_proj(text_embeds[:, 0]), dim=-1))
+    return torch.cat(image_feats), torch.cat(text_feats)
+
+
+def recall_at_k(similarity: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """Retrieval recall@K in percent from an image-text similarity (I, T) and each text's image index (T,).
+
+    Image-to-text counts an image as found when any of its texts ranks within K; text-to-image, when its image does.
+    """
+    num_images = similarity.shape[0]
+    # Rank of each text's own image among all images: how many images score strictly higher.
+    own_image_score = similarity[text_to_image, torch.arange(similarity.shape[1])]  # (T,)
+    t2i_rank = (similarity > own_image_score[None, :]).sum(dim=0)  # (T,)
+    # For each image, the best rank among its texts.
+    own_text = text_to_image[None, :] == torch.arange(num_images)[:, None]  # (I, T)
+    best_own_score = similarity.masked_fill(~own_text, float("-inf")).max(dim=1).values  # (I,)
+    i2t_rank = (similarity.masked_fill(own_text, float("-inf")) > best_own_score[:, None]).sum(dim=1)  # (I,)
+    metrics = {}
+    for k in ks:
+        metrics[f"txt_r{k}"] = 100.0 * (i2t_rank < k).float().mean().item()
+        metrics[f"img_r{k}"] = 100.0 * (t2i_rank < k).float().mean().item()
+    return metrics
+
+
+def itc_retrieval_recall(
+    model: nn.Module,
+    dataset: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    image_transform: Callable[[Any], torch.Tensor],
+    max_length: int = 30,
+    max_words: int = 30,
+    ks: Sequence[int] = (1, 5, 10),
+    image_column: str = "image",
+    captions_column: str = "captions",
+) -> dict[str, float]:
+    """Recall@K (percent) of ITC retrieval on rows `{image, captions: list[str]}`, plus the recall@1 of chance.
+
+    Keys: `txt_r{k}` (image-to-text), `img_r{k}` (text-to-image) and `chance_r1`.
+    """
+    was_training = unwrap_model(model).training
+    unwrap_model(model).eval()
+    pixel_values, texts, text_to_image = [], [], []
+    for image_index, row in enumerate(dataset):
+        pixel_values.append(image_transform(row[image_column]))
+        for caption in row[captions_column]:
+            texts.append(pre_caption(caption, max_words))
+            text_to_image.append(image_index)
+    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    image_feat, text_feat = itc_features(
+        model, torch.stack(pixel_values), encoded["input_ids"], encoded["attention_mask"]
+    )
+    unwrap_model(model).train(was_training)
+    metrics = recall_at_k((image_feat @ text_feat.t()).cpu(), torch.tensor(text_to_image), ks)
+    # A random ranking puts one of an image's n texts first with probability n / T, its image first with 1 / I:
+    # both are 1 / I when every image has the same number of texts.
+    metrics["chance_r1"] = 100.0 / len(pixel_values)
+    return metrics
+
+
+__all__ = ["itc_features", "itc_retrieval_recall", "recall_at_k"]

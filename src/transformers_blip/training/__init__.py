@@ -1,0 +1,52 @@
+"""Trainer glue for BLIP, one job a file.
+
+- `callbacks`: the momentum encoders' EMA step and the distillation alpha, once per optimizer step.
+- `collators`: image-text rows to batches (`ImageTextCollator`), decoding in the workers (`DecodingCollator`).
+- `model_sizes`: the tiny, base and large sizes and the pretraining config of each.
+- `data_sources`: the pairs a run trains on, the synthetic benchmark or a real format, by name.
+- `trainer`: `BlipPreTrainingTrainer` and the checks a multi-process launch needs.
+
+The ITC retrieval check moved to `transformers_blip.evaluation`; its names still import from here for one more
+release.
+"""
+
+from .callbacks import MomentumUpdateCallback, unwrap_model
+from .collators import DecodingCollator, ImageTextCollator
+from .data_sources import PAIR_COLUMNS, load_pretraining_pairs, with_caption_lengths
+from .model_sizes import MODEL_SIZES, pretraining_config
+from .trainer import (
+    LOGGED_LOSSES,
+    BlipPreTrainingTrainer,
+    check_processes_train_together,
+    optimizer_steps_per_epoch,
+)
+
+_MOVED_TO_EVALUATION = ("itc_features", "itc_retrieval_recall", "recall_at_k")
+
+
+def __getattr__(name: str):
+    if name in _MOVED_TO_EVALUATION:
+        import warnings
+
+        from .. import evaluation
+
+        warnings.warn(f"{__name__}.{name} moved to {evaluation.__name__}.{name}", FutureWarning, stacklevel=2)
+        return getattr(evaluation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "LOGGED_LOSSES",
+    "MODEL_SIZES",
+    "PAIR_COLUMNS",
+    "BlipPreTrainingTrainer",
+    "DecodingCollator",
+    "ImageTextCollator",
+    "MomentumUpdateCallback",
+    "check_processes_train_together",
+    "load_pretraining_pairs",
+    "optimizer_steps_per_epoch",
+    "pretraining_config",
+    "unwrap_model",
+    "with_caption_lengths",
+]

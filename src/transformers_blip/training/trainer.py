@@ -1,0 +1,96 @@
+"""`BlipPreTrainingTrainer`: Trainer for BLIP's pretraining, with each loss logged, and the checks a launch needs."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from datasets import Dataset, IterableDataset
+from transformers import Trainer, TrainingArguments
+
+from .callbacks import MomentumUpdateCallback, unwrap_model
+
+LOGGED_LOSSES = ("loss_itc", "loss_itm", "loss_lm")
+
+
+def check_processes_train_together(args: TrainingArguments) -> None:
+    """Stops a run launched as several processes (`torchrun`, `accelerate launch`) that Trainer would not join.
+
+    Without an accelerator, `TrainingArguments` joins the launched processes only when `use_cpu` is set; otherwise
+    each process trains alone, on all the data, and every one of them writes to the same output directory.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size != launched:
+        raise RuntimeError(
+            f"launched as {launched} processes, but Trainer would train {args.world_size} model(s) independently; "
+            "on a machine without GPUs pass --use_cpu so that the processes train together (DDP over gloo)"
+        )
+
+
+def optimizer_steps_per_epoch(dataset: Dataset | IterableDataset, args: TrainingArguments) -> int:
+    """Optimizer steps in one pass over `dataset` on all ranks (`max_steps` for a stream of unknown length)."""
+    if isinstance(dataset, IterableDataset):
+        return max(args.max_steps, 1)
+    samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    return max(math.ceil(len(dataset) / samples_per_step), 1)
+
+
+class BlipPreTrainingTrainer(Trainer):
+    """`Trainer` for [`BlipForPreTraining`]: adds the momentum callback and logs each loss, alpha and temperature.
+
+    The logged `loss_itc`, `loss_itm` and `loss_lm` are means over the micro-batches since the last log and over all
+    ranks, like Trainer's own `loss`.
+
+    A collator may return `None` for a batch whose every sample was unreadable (`SkippingCollator`,
+    `DecodingCollator`; the samples are counted in their `SkipReport`). On one process the batch is passed over and
+    the next one read in its place (`empty_batches` counts them). Under several processes a rank cannot pass a batch
+    over without leaving the others waiting in the gradient all-reduce, so it stops with an error that says so.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not any(isinstance(callback, MomentumUpdateCallback) for callback in self.callback_handler.callbacks):
+            self.add_callback(MomentumUpdateCallback())
+        self._loss_sums: torch.Tensor | None = None  # (3,) sums of the ITC, ITM, LM losses since the last log
+        self._loss_count = 0
+        self.empty_batches = 0
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        return super().get_batch_samples(self._non_empty(epoch_iterator), num_batches, device)
+
+    def _non_empty(self, batches):
+        """The batches of `batches` that hold samples. Reads no further ahead than its consumer asks."""
+        for batch in batches:
+            if batch is not None:
+                yield batch
+                continue
+            if self.args.world_size > 1:
+                raise RuntimeError(
+                    "Every sample of a batch was unreadable (see the skip report), and under several processes a "
+                    "rank cannot pass a batch over while the others train on theirs. Clean the data or raise "
+                    "per_device_train_batch_size."
+                )
+            self.empty_batches += 1
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        if model.training:
+            parts = torch.stack([outputs[name].detach().float() for name in LOGGED_LOSSES])
+            self._loss_sums = parts if self._loss_sums is None else self._loss_sums + parts
+            self._loss_count += 1
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Trainer calls `log` with the training loss on every rank at once, so the reduction below is collective.
+        if "loss" in logs and self._loss_count > 0:
+            means = self.accelerator.reduce(self._loss_sums / self._loss_count, reduction="mean")
+            logs.update({name: round(value, 4) for name, value in zip(LOGGED_LOSSES, means.tolist())})
+            model = unwrap_model(self.model)
+            logs["alpha"] = model.distillation_alpha()
+            logs["temperature"] = round(model.temp.item(), 5)
+            self._loss_sums, self._loss_count = None, 0
+        super().log(logs, start_time)
+
+
+__all__ = ["LOGGED_LOSSES", "BlipPreTrainingTrainer", "check_processes_train_together", "optimizer_steps_per_epoch"]
