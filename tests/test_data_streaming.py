@@ -1,7 +1,9 @@
 """Streaming shards split by node and by worker: 2 ranks x 2 workers read every sample exactly once."""
 
 import io
+import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,3 +95,31 @@ def test_expand_shards(tmp_path):
     for name in ("b.tar", "a.tar"):
         (tmp_path / name).write_bytes(b"")
     assert expand_shards(str(tmp_path / "*.tar")) == [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+
+
+@pytest.mark.parametrize("extension", ["tif", "gif", "jpeg", "webp"])
+def test_every_reader_takes_the_same_image_extensions(tmp_path, extension):
+    """A shard of TIFFs (or GIFs) is read like a folder of them, not skipped as holding no image."""
+    import tarfile
+
+    from transformers_blip.data import load_image_folder
+
+    pil_format = {"tif": "TIFF", "gif": "GIF", "jpeg": "JPEG", "webp": "WEBP"}[extension]
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((16, 16, 3), 90, dtype=np.uint8)).save(buffer, format=pil_format)
+    shard = tmp_path / "shard-00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in ((f"a.{extension}", buffer.getvalue()), ("a.txt", b"a grey square")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    report = SkipReport()
+    streamed = list(load_webdataset([str(shard)], report=report))
+    assert [row["caption"] for row in streamed] == ["a grey square"] and len(report) == 0
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / f"a.{extension}").write_bytes(buffer.getvalue())
+    assert [Path(row["path"]).name for row in load_image_folder(folder)["image"]] == [f"a.{extension}"]
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": f"a.{extension}", "caption": "a grey square"}))
+    assert load_image_folder(folder)["caption"] == ["a grey square"]

@@ -21,6 +21,8 @@ from .skips import BadSampleError
 DEFAULT_MAX_PIXELS = 89_478_485
 # Below this a side is a tracking pixel, a spacer or an icon, not a picture.
 DEFAULT_MIN_SIDE = 8
+# The image files every reader recognises (folders by suffix, webdataset members by extension), lower case, no dot.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 ImageSource = str | os.PathLike | bytes | bytearray | dict | Image.Image
 

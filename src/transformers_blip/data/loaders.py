@@ -22,6 +22,7 @@ from datasets import Dataset, Features, List, Value
 from datasets import Image as ImageFeature
 
 from .annotations import clean_caption, clean_caption_list, read_annotations, required_field
+from .decoding import IMAGE_EXTENSIONS
 from .skips import BadSampleError, SkipReport
 from .text import MAX_WORDS, pre_question
 
@@ -158,7 +159,6 @@ def load_caption_json(
 # Image folder with metadata.jsonl
 # ---------------------------------------------------------------------------------------------------------------
 
-_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _TEXT_FIELDS = ("caption", "text")
 
 
@@ -187,7 +187,7 @@ def load_image_folder(
     before = len(report)
     metadata_file = folder / "metadata.jsonl"
     if not metadata_file.exists():
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_EXTENSIONS)
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower().removeprefix(".") in IMAGE_EXTENSIONS)
         return Dataset.from_dict(
             {"image": [{"bytes": None, "path": str(p)} for p in files]},
             features=Features({"image": ImageFeature(decode=False)}),

@@ -23,11 +23,10 @@ from datasets import IterableDataset
 from datasets.distributed import split_dataset_by_node
 
 from .annotations import clean_caption
-from .decoding import decode_text, parse_json
+from .decoding import IMAGE_EXTENSIONS, decode_text, parse_json
 from .skips import BadSampleError, SkipReport
 from .text import MAX_WORDS
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 CAPTION_EXTENSIONS = ("txt", "caption", "text")
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
