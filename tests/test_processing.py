@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from transformers_blip import BlipConfig, BlipForConditionalGeneration, BlipTextConfig, BlipVisionConfig
-from transformers_blip.image_processing_blip import BlipImageProcessorAnyMode, to_eight_bit
+from transformers_blip.image_processing_blip import BlipImageProcessorAnyMode, to_rgb
 from transformers_blip.processing_blip import (
     BlipImageTextProcessor,
     build_processor,
@@ -85,10 +85,12 @@ MODE_CASES = {
     "HSV": (solid("RGB", RED).convert("HSV"), RED),
     "I;16": (solid("I;16", 32896), (128, 128, 128)),  # 32896 / 65535 = 128 / 255
     "I;16B": (PIL.Image.frombytes("I;16B", (4, 4), np.full((4, 4), 65535, ">u2").tobytes()), WHITE),
-    "I 16-bit": (solid("I", 32896), (128, 128, 128)),
-    "I 8-bit": (solid("I", 100), (100, 100, 100)),
-    "F unit": (solid("F", 0.5), (128, 128, 128)),
-    "F 8-bit": (solid("F", 200.0), (200, 200, 200)),
+    "I": (solid("I", 32896), (128, 128, 128)),  # 16-bit data, like "I;16"
+    "I dark": (solid("I", 100), (0, 0, 0)),  # 100 / 65535: a dark 16-bit frame stays dark
+    "I above 16 bits": (solid("I", 100_000), WHITE),
+    "F": (solid("F", 0.5), (128, 128, 128)),
+    "F above 1": (solid("F", 200.0), WHITE),
+    "F negative": (solid("F", -3.0), (0, 0, 0)),
 }
 
 
@@ -118,15 +120,17 @@ def test_high_bit_depth_gradient_keeps_its_gradient(processor, mode):
     assert abs(grey.mean() - 127.5) < 5, "a 16-bit ramp must not be clipped to white"
 
 
-def test_to_eight_bit_maps_ranges_linearly():
-    sixteen_bit = PIL.Image.fromarray(np.array([[0, 257, 65535]], dtype=np.uint16))
-    np.testing.assert_array_equal(np.asarray(to_eight_bit(sixteen_bit)), [[0, 1, 255]])
-    outside_ranges = PIL.Image.fromarray(np.array([[-1000, 0, 1000]], dtype=np.int32))
-    np.testing.assert_array_equal(np.asarray(to_eight_bit(outside_ranges)), [[0, 128, 255]])
-    with_nan = PIL.Image.fromarray(np.array([[np.nan, 0.5, 1.0]], dtype=np.float32))
-    np.testing.assert_array_equal(np.asarray(to_eight_bit(with_nan)), [[0, 128, 255]])
+def test_high_bit_depth_scale_is_fixed_by_the_mode():
+    """The white point depends on the mode, not on the pixels: values map linearly and clip outside the range."""
+
+    def grey(pixels: np.ndarray) -> list[int]:
+        return np.asarray(to_rgb(PIL.Image.fromarray(pixels)))[0, :, 0].tolist()
+
+    assert grey(np.array([[0, 257, 30000, 65535]], dtype=np.uint16)) == [0, 1, 117, 255]
+    assert grey(np.array([[-1000, 0, 30000, 70000]], dtype=np.int32)) == [0, 0, 117, 255]
+    assert grey(np.array([[np.nan, -1.0, 0.5, 1.0, 7.0]], dtype=np.float32)) == [0, 0, 128, 255, 255]
     rgb = solid("RGB", RED)
-    assert to_eight_bit(rgb) is rgb
+    assert to_rgb(rgb) is rgb
 
 
 @pytest.mark.parametrize("size", [(1, 1), (2, 3), (1000, 1), (1, 1000), (513, 17)])
