@@ -17,6 +17,8 @@ install_requires = [
     "pillow>=10.0,<14",
     "numpy>=1.26,<3",
     "tqdm>=4.66,<5",
+    # The COCO caption scorers (BLEU, METEOR, ROUGE-L, CIDEr-D) that papers report; a large wheel (its Java jars).
+    "pycocoevalcap>=1.2,<1.3",
 ]
 
 extras_require = {

@@ -1,5 +1,23 @@
-"""Evaluation of BLIP models: retrieval recall from similarities and the ITC retrieval check of pretraining."""
+"""Evaluation of BLIP models: the field's metrics (caption scores, retrieval recall, VQA and NLVR2 accuracy, each
+also an offline `evaluate` module) and the ITC retrieval check of pretraining."""
 
+from .caption_metrics import CAPTION_METRICS, caption_scores, ptb_tokenize
 from .itc_retrieval import itc_features, itc_retrieval_recall, recall_at_k
+from .metrics import METRIC_NAMES, metric_path
+from .retrieval_metrics import retrieval_recall
+from .vqa_accuracy import nlvr_accuracy, normalize_answer, vqa_accuracy
 
-__all__ = ["itc_features", "itc_retrieval_recall", "recall_at_k"]
+__all__ = [
+    "CAPTION_METRICS",
+    "METRIC_NAMES",
+    "caption_scores",
+    "itc_features",
+    "itc_retrieval_recall",
+    "metric_path",
+    "nlvr_accuracy",
+    "normalize_answer",
+    "ptb_tokenize",
+    "recall_at_k",
+    "retrieval_recall",
+    "vqa_accuracy",
+]

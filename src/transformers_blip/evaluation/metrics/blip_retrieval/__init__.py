@@ -1,0 +1,1 @@
+"""A local `evaluate` module: `evaluate.load(metric_path("retrieval"))`."""
