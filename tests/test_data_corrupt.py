@@ -244,12 +244,12 @@ def test_streaming_skips_bad_samples_and_broken_shards(tmp_path):
             "malformed_json": 1,
             "empty_caption": 1,
             "empty_file": 1,  # zerobytes.png, found when decoding
-            "broken_shard": 2,  # truncated, not a tar
-            "missing_file": 1,
         }
     )
-    broken = {entry.source for entry in report.skipped if entry.reason == "broken_shard"}
-    assert broken == {shards[-3], shards[-2]}
+    # Shards that break are files whose unread samples are unknown: listed as files, not counted as samples.
+    unreadable = {(entry.source, entry.reason) for entry in report.unreadable_files}
+    assert unreadable == {(shards[-3], "broken_shard"), (shards[-2], "broken_shard"), (shards[-1], "missing_file")}
+    assert "Could not read 3 files to the end" in report.summary()
 
 
 def test_streaming_strict_mode_names_the_member(tmp_path):

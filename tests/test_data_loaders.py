@@ -19,6 +19,7 @@ from transformers_blip.data import (
     load_nlvr,
     load_parquet,
     load_vqa,
+    stable_id,
     vqa_answer_weights,
 )
 
@@ -38,20 +39,22 @@ def test_karpathy_ids_from_image_id_or_file_name(tmp_path):
                 "image_id": "coco_391895",
             },
             {"image": "val2014/COCO_val2014_000000522418.jpg", "caption": "A woman", "image_id": "coco_522418"},
+            {"image": "val2014/COCO_val2014_000000391895.jpg", "caption": "A bike", "image_id": "coco_391895"},
         ],
     )
-    test = write_json(
-        tmp_path / "test.json", [{"image": "val2014/COCO_val2014_000000391895.jpg", "caption": ["one", "two"]}]
-    )
+    image = "val2014/COCO_val2014_000000391895.jpg"
+    test = write_json(tmp_path / "test.json", [{"image": image, "caption": ["one", "two"]}])
     loaded = load_coco_karpathy(train, "/coco")
-    assert loaded["image_id"] == [391895, 522418] and loaded["caption"] == ["a man on a bike", "a woman"]
+    assert loaded["caption"] == ["a man on a bike", "a woman", "a bike"]
+    assert loaded["image_id"] == [stable_id("coco_391895"), stable_id("coco_522418"), stable_id("coco_391895")]
     assert loaded[0]["image"] == {"bytes": None, "path": "/coco/val2014/COCO_val2014_000000391895.jpg"}
-    assert load_coco_karpathy(test, "/coco")[0]["image_id"] == 391895
+    assert load_coco_karpathy(test, "/coco")[0]["image_id"] == stable_id(image)  # no image_id: the path as written
 
 
-def test_karpathy_ids_without_numbers_are_numbered_in_order(tmp_path):
+def test_karpathy_ids_without_numbers_stay_equal_where_equal(tmp_path):
     records = [{"image": f"{name}.jpg", "caption": "x", "image_id": name} for name in ("dog", "cat", "dog")]
-    assert load_coco_karpathy(write_json(tmp_path / "a.json", records), tmp_path)["image_id"] == [0, 1, 0]
+    ids = load_coco_karpathy(write_json(tmp_path / "a.json", records), tmp_path)["image_id"]
+    assert ids[0] == ids[2] != ids[1]
 
 
 def test_vqa_weights_as_blip_computes_them(tmp_path):

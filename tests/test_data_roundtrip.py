@@ -67,11 +67,20 @@ def test_every_format_was_written(exported):
 def test_coco_karpathy(exported, report):
     benchmark, root, _ = exported
     train = load_coco_karpathy(root / "annotations" / "coco_karpathy_train.json", root, report=report)
-    assert_same_records(train, flatten_captions(benchmark["human"]))
+    human = flatten_captions(benchmark["human"])
+    assert_same_records(train, human, columns=["image", "caption"])
+    assert_same_images(train["image_id"], human["image_id"])
     for split in ("val", "test"):
         loaded = load_coco_karpathy(root / "annotations" / f"coco_karpathy_{split}.json", root, report=report)
         assert set(loaded.column_names) == {"image", "captions", "image_id"}
-        assert_same_records(loaded, benchmark[split])
+        assert_same_records(loaded, benchmark[split], columns=["image", "captions"])
+        assert_same_images(loaded["image_id"], benchmark[split]["image_id"])
+
+
+def assert_same_images(loaded_ids, expected_ids):
+    """The loaded ids (stable ids of BLIP's "synthetic_12" or of the file name) name the same images: one to one."""
+    pairs = set(zip(loaded_ids, expected_ids))
+    assert len(pairs) == len(set(loaded_ids)) == len(set(expected_ids))
 
 
 def test_pretrain_json_lists(exported, report):

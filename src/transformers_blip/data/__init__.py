@@ -4,6 +4,7 @@ The synthetic benchmark lives in `transformers_blip.benchmark`; its names are st
 more release.
 """
 
+from .annotations import stable_id
 from .decoding import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, decode_text, load_image, to_rgb
 from .loaders import (
     load_caption_json,
@@ -17,7 +18,7 @@ from .loaders import (
 )
 from .pairs import flatten_captions
 from .robust import DecodeImages, SkippingCollator, collate_rows, drop_skipped
-from .skips import SKIP_REASONS, BadSampleError, SkippedSample, SkipReport
+from .skips import SKIP_REASONS, BadFileError, BadSampleError, SkippedSample, SkipReport
 from .streaming import expand_shards, load_webdataset, stream_parquet
 from .text import MAX_WORDS, mentions_sides, pre_caption, pre_question, swap_sides
 from .transforms import (
@@ -39,6 +40,7 @@ __all__ = [
     "DEFAULT_MIN_SIDE",
     "MAX_WORDS",
     "SKIP_REASONS",
+    "BadFileError",
     "BadSampleError",
     "BlipEvalTransform",
     "BlipTrainTransform",
@@ -64,6 +66,7 @@ __all__ = [
     "mirror_pair",
     "pre_caption",
     "pre_question",
+    "stable_id",
     "stream_parquet",
     "swap_sides",
     "to_normalized_tensor",

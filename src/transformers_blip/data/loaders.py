@@ -13,17 +13,16 @@ import bisect
 import itertools
 import logging
 import os
-import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, Features, List, Value
 from datasets import Image as ImageFeature
 
-from .annotations import clean_caption, clean_caption_list, read_annotations, required_field
+from .annotations import clean_caption, clean_caption_list, read_annotations, required_field, stable_id
 from .decoding import IMAGE_EXTENSIONS
-from .skips import BadSampleError, SkipReport
+from .skips import BadFileError, BadSampleError, SkipReport
 from .text import MAX_WORDS, pre_question
 
 logger = logging.getLogger(__name__)
@@ -52,25 +51,49 @@ def _image_value(path: str, image_root: PathLike | None) -> dict:
     return {"bytes": None, "path": os.fspath(full_path)}
 
 
-def _numeric_id(value: Any) -> int | None:
-    """An integer id from an int, or from the last run of digits of a string ('coco_391895', 'x_000391895.jpg')."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    digits = re.findall(r"\d+", str(value))
-    return int(digits[-1]) if digits else None
-
-
-def _integer_ids(keys: Sequence[Any]) -> list[int]:
-    """Numeric ids where every key has one, else consecutive ids in order of first appearance."""
-    numeric = [_numeric_id(key) for key in keys]
-    if all(value is not None for value in numeric):
-        return numeric
-    first_seen: dict[Any, int] = {}
-    return [first_seen.setdefault(str(key), len(first_seen)) for key in keys]
-
-
 def _extras(record: dict, extra_fields: Sequence[str]) -> dict:
     return {name: record.get(name) for name in extra_fields}
+
+
+def _as_files(files: PathLike | Sequence[PathLike]) -> list[PathLike]:
+    return [files] if isinstance(files, (str, os.PathLike)) else list(files)
+
+
+def _applied(
+    items: Iterable[tuple[str, Any]], function: Callable[[Any, str], Any], report: SkipReport
+) -> list[tuple[str, Any]]:
+    """(source, function(item, source)) for every (source, item); a `BadSampleError` is recorded in its place."""
+    results = []
+    for source, item in items:
+        try:
+            results.append((source, function(item, source)))
+        except BadSampleError as error:
+            report.record(error)
+    return results
+
+
+RowMaker = Callable[[Any, str], dict]
+# Given the rows of one file, the check each of them must pass: a rule that holds across a file.
+FileRule = Callable[[list[dict]], Callable[[dict, str], dict]]
+
+
+def _read_rows(
+    files: Sequence[PathLike], make_row: RowMaker, report: SkipReport, file_rule: FileRule | None = None
+) -> list[dict]:
+    """The rows `make_row(record, source)` builds from the records of every file, in order.
+
+    The loop every annotation loader shares: a record that `make_row` refuses with a `BadSampleError` (or that
+    breaks `file_rule`, or that cannot be read) is recorded in `report` and left out; one warning sums them up.
+    """
+    before = len(report)
+    rows = []
+    for annotation_file in files:
+        built = _applied(read_annotations(annotation_file, report), make_row, report)
+        if file_rule is not None:
+            built = _applied(built, file_rule([row for _, row in built]), report)
+        rows += [row for _, row in built]
+    _warn_if_skipped(report, before, ", ".join(map(str, files)))
+    return rows
 
 
 def _as_dataset(rows: list[dict], features: Features, extra_fields: Sequence[str]) -> Dataset:
@@ -88,6 +111,20 @@ _PAIR_FEATURES = Features({"image": ImageFeature(decode=False), "caption": Value
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _one_caption_layout(rows: list[dict]) -> Callable[[dict, str], dict]:
+    """Training files give each record one caption, evaluation files a list of them: a file keeps the layout most
+    of its records have, and a record of the other layout is skipped rather than left without its text column."""
+    lists = 2 * sum("captions" in row for row in rows) > len(rows)
+
+    def check(row: dict, source: str) -> dict:
+        if ("captions" in row) != lists:
+            found, usual = ("a list", "one caption each") if not lists else ("one caption", "lists")
+            raise BadSampleError(source, "missing_field", f"'caption' is {found}, but most records have {usual}")
+        return row
+
+    return check
+
+
 def load_coco_karpathy(
     annotation_file: PathLike,
     image_root: PathLike,
@@ -98,28 +135,24 @@ def load_coco_karpathy(
 
     Training files list `{"image", "caption", "image_id"}`, one caption per record: the dataset has columns
     image, caption, image_id. Evaluation files list `{"image", "caption": [...]}`, one image per record: the
-    dataset has image, captions, image_id. Ids are the numbers in `image_id` ("coco_391895" -> 391895) or, when
-    absent, in the file name, as the original derives them; consecutive ids when neither has a number.
+    dataset has image, captions, image_id. A record of the other layout than most of the file's is skipped. Ids are
+    `stable_id` of `image_id` or, when absent, of the image path: equal for the same image, distinct across files
+    and datasets ("coco_391895" and "flickr_391895" differ).
     """
     report = _report_or_default(report)
-    before = len(report)
-    rows, id_keys = [], []
-    for source, record in read_annotations(annotation_file, report):
-        try:
-            image = _image_value(required_field(record, "image", source, str), image_root)
-            captions = required_field(record, "caption", source)
-            if isinstance(captions, list):
-                row = {"image": image, "captions": clean_caption_list(captions, source, max_words, report)}
-            else:
-                row = {"image": image, "caption": clean_caption(captions, source, max_words)}
-        except BadSampleError as error:
-            report.record(error)
-            continue
-        rows.append(row)
-        id_keys.append(record.get("image_id", os.path.basename(record["image"])))
-    _warn_if_skipped(report, before, str(annotation_file))
-    for row, image_id in zip(rows, _integer_ids(id_keys)):
-        row["image_id"] = image_id
+
+    def make_row(record: Any, source: str) -> dict:
+        image = _image_value(required_field(record, "image", source, str), image_root)
+        captions = required_field(record, "caption", source)
+        if isinstance(captions, list):
+            row = {"image": image, "captions": clean_caption_list(captions, source, max_words, report)}
+        else:
+            row = {"image": image, "caption": clean_caption(captions, source, max_words)}
+        image_id = record.get("image_id")
+        row["image_id"] = stable_id(image_id if image_id is not None else record["image"])
+        return row
+
+    rows = _read_rows([annotation_file], make_row, report, _one_caption_layout)
     is_eval = bool(rows) and "captions" in rows[0]
     text_feature = {"captions": List(Value("string"))} if is_eval else {"caption": Value("string")}
     features = Features({"image": ImageFeature(decode=False), **text_feature, "image_id": Value("int64")})
@@ -138,20 +171,13 @@ def load_caption_json(
     Columns: image, caption, plus `extra_fields` copied from the records (None where missing). Files may be JSON
     lists or JSON lines. Paths are taken as written, or under `image_root` when given.
     """
-    files = [annotation_files] if isinstance(annotation_files, (str, os.PathLike)) else list(annotation_files)
-    report = _report_or_default(report)
-    before = len(report)
-    rows = []
-    for annotation_file in files:
-        for source, record in read_annotations(annotation_file, report):
-            try:
-                image = _image_value(required_field(record, "image", source, str), image_root)
-                caption = clean_caption(required_field(record, "caption", source), source, max_words)
-            except BadSampleError as error:
-                report.record(error)
-                continue
-            rows.append({"image": image, "caption": caption, **_extras(record, extra_fields)})
-    _warn_if_skipped(report, before, ", ".join(map(str, files)))
+
+    def make_row(record: Any, source: str) -> dict:
+        image = _image_value(required_field(record, "image", source, str), image_root)
+        caption = clean_caption(required_field(record, "caption", source), source, max_words)
+        return {"image": image, "caption": caption, **_extras(record, extra_fields)}
+
+    rows = _read_rows(_as_files(annotation_files), make_row, _report_or_default(report))
     return _as_dataset(rows, _PAIR_FEATURES, extra_fields)
 
 
@@ -172,6 +198,30 @@ def _clean_metadata_text(record: dict, source: str, max_words: int, report: Skip
     return row
 
 
+def _same_text_fields(rows: list[dict]) -> Callable[[dict, str], dict]:
+    """A text field that some lines of the metadata have, every line must have: a line without its caption would
+    otherwise become a row whose caption is None."""
+    fields = [name for name in (*_TEXT_FIELDS, "captions") if any(name in row for row in rows)]
+
+    def check(row: dict, source: str) -> dict:
+        missing = [name for name in fields if name not in row]
+        if missing:
+            raise BadSampleError(source, "missing_field", f"no {missing[0]!r}, which other lines have")
+        return row
+
+    return check
+
+
+def _path_in_folder(folder: Path, file_name: str, source: str) -> str:
+    """`folder / file_name`, refusing a name that leaves the folder (absolute, or climbing out through "..")."""
+    relative = os.path.normpath(file_name)
+    if os.path.isabs(relative) or relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        raise BadSampleError(source, "unsafe_path", f"file_name {file_name!r} is outside {folder}")
+    if relative == os.curdir:
+        raise BadSampleError(source, "missing_field", f"file_name {file_name!r} names no file")
+    return str(folder / file_name)
+
+
 def load_image_folder(
     folder: PathLike, max_words: int = MAX_WORDS["pretrain"], report: SkipReport | None = None
 ) -> Dataset:
@@ -180,11 +230,11 @@ def load_image_folder(
     Every metadata line is `{"file_name": ..., ...}`; its other fields become columns, with `caption`/`text`
     (strings) and `captions` (lists) cleaned by `pre_caption`. Without a metadata file the dataset lists the
     images alone. Unlike `load_dataset("imagefolder")`, a malformed or non-UTF-8 line skips that record, not the
-    whole folder.
+    whole folder; so does a line without a text field that other lines have, and a `file_name` outside the folder
+    (absolute, or through "..": `unsafe_path`).
     """
     folder = Path(folder)
     report = _report_or_default(report)
-    before = len(report)
     metadata_file = folder / "metadata.jsonl"
     if not metadata_file.exists():
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower().removeprefix(".") in IMAGE_EXTENSIONS)
@@ -192,17 +242,14 @@ def load_image_folder(
             {"image": [{"bytes": None, "path": str(p)} for p in files]},
             features=Features({"image": ImageFeature(decode=False)}),
         )
-    rows = []
-    for source, record in read_annotations(metadata_file, report):
-        try:
-            file_name = required_field(record, "file_name", source, str)
-            row = _clean_metadata_text(record, source, max_words, report)
-        except BadSampleError as error:
-            report.record(error)
-            continue
+
+    def make_row(record: Any, source: str) -> dict:
+        path = _path_in_folder(folder, required_field(record, "file_name", source, str), source)
+        row = _clean_metadata_text(record, source, max_words, report)
         del row["file_name"]
-        rows.append({"image": {"bytes": None, "path": str(folder / file_name)}, **row})
-    _warn_if_skipped(report, before, str(metadata_file))
+        return {"image": {"bytes": None, "path": path}, **row}
+
+    rows = _read_rows([metadata_file], make_row, report, _same_text_fields)
     metadata_fields = [name for name in dict.fromkeys(name for row in rows for name in row) if name != "image"]
     return _as_dataset(rows, Features({"image": ImageFeature(decode=False)}), metadata_fields)
 
@@ -223,7 +270,7 @@ def _readable_parquet_files(files: Sequence[PathLike], report: SkipReport) -> li
                 readable.append((path, parquet_file.metadata.num_rows))
         except Exception as error:
             reason = "missing_file" if not os.path.exists(path) else "broken_shard"
-            report.record(BadSampleError(path, reason, str(error)))
+            report.record(BadFileError(path, reason, str(error)))
     return readable
 
 
@@ -255,7 +302,7 @@ def load_parquet(
     rows whose caption is empty are skipped. Always a `Dataset`: to read files lazily, split across ranks and
     workers like webdataset shards, call `stream_parquet` (`streaming=True` is refused with that advice).
     """
-    files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
+    files = _as_files(files)
     report = _report_or_default(report)
     if streaming:
         raise ValueError("load_parquet returns a Dataset; for a stream split across ranks call stream_parquet(files)")
@@ -315,7 +362,7 @@ def vqa_answer_weights(answers: Sequence[str]) -> tuple[list[str], list[float]]:
     return unique, [answers.count(answer) / len(answers) for answer in unique]
 
 
-def _vqa_row(record: dict, source: str, image_roots: dict[str, PathLike | None], max_words: int) -> dict:
+def _vqa_row(record: Any, source: str, image_roots: dict[str, PathLike | None], max_words: int) -> dict:
     dataset_name = record.get("dataset", "vqa")
     image = _image_value(
         required_field(record, "image", source, str), image_roots.get(dataset_name, image_roots["vqa"])
@@ -331,6 +378,7 @@ def _vqa_row(record: dict, source: str, image_roots: dict[str, PathLike | None],
         unique, weights = vqa_answer_weights(answers) if answers else ([], [])
     return {
         "image": image,
+        "question_id": stable_id(record.get("question_id", source)),
         "question": question,
         "answers": answers,
         "unique_answers": unique,
@@ -353,23 +401,12 @@ def load_vqa(
     image, question_id, question (`pre_question`), answers, unique_answers, answer_weights (count / len, BLIP's
     training targets), plus `extra_fields`.
     """
-    files = [annotation_files] if isinstance(annotation_files, (str, os.PathLike)) else list(annotation_files)
-    report = _report_or_default(report)
-    before = len(report)
     image_roots = {"vqa": image_root, "vg": vg_image_root if vg_image_root is not None else image_root}
-    rows, question_ids = [], []
-    for annotation_file in files:
-        for source, record in read_annotations(annotation_file, report):
-            try:
-                row = _vqa_row(record, source, image_roots, max_words)
-            except BadSampleError as error:
-                report.record(error)
-                continue
-            rows.append({**row, **_extras(record, extra_fields)})
-            question_ids.append(record.get("question_id", source))
-    _warn_if_skipped(report, before, ", ".join(map(str, files)))
-    for row, question_id in zip(rows, _integer_ids(question_ids)):
-        row["question_id"] = question_id
+
+    def make_row(record: Any, source: str) -> dict:
+        return {**_vqa_row(record, source, image_roots, max_words), **_extras(record, extra_fields)}
+
+    rows = _read_rows(_as_files(annotation_files), make_row, _report_or_default(report))
     return _as_dataset(rows, _VQA_FEATURES, extra_fields)
 
 
@@ -414,25 +451,18 @@ def load_nlvr(
 
     Columns: image0, image1, sentence (`pre_caption`, 40 words), label (1 for true), plus `extra_fields`.
     """
-    files = [annotation_files] if isinstance(annotation_files, (str, os.PathLike)) else list(annotation_files)
-    report = _report_or_default(report)
-    before = len(report)
-    rows = []
-    for annotation_file in files:
-        for source, record in read_annotations(annotation_file, report):
-            try:
-                images = required_field(record, "images", source, list)
-                if len(images) != 2 or not all(isinstance(image, str) for image in images):
-                    raise BadSampleError(source, "missing_field", "'images' is not a pair of paths")
-                row = {
-                    "image0": _image_value(images[0], image_root),
-                    "image1": _image_value(images[1], image_root),
-                    "sentence": clean_caption(required_field(record, "sentence", source), source, max_words),
-                    "label": _nlvr_label(required_field(record, "label", source), source),
-                }
-            except BadSampleError as error:
-                report.record(error)
-                continue
-            rows.append({**row, **_extras(record, extra_fields)})
-    _warn_if_skipped(report, before, ", ".join(map(str, files)))
+
+    def make_row(record: Any, source: str) -> dict:
+        images = required_field(record, "images", source, list)
+        if len(images) != 2 or not all(isinstance(image, str) for image in images):
+            raise BadSampleError(source, "missing_field", "'images' is not a pair of paths")
+        return {
+            "image0": _image_value(images[0], image_root),
+            "image1": _image_value(images[1], image_root),
+            "sentence": clean_caption(required_field(record, "sentence", source), source, max_words),
+            "label": _nlvr_label(required_field(record, "label", source), source),
+            **_extras(record, extra_fields),
+        }
+
+    rows = _read_rows(_as_files(annotation_files), make_row, _report_or_default(report))
     return _as_dataset(rows, _NLVR_FEATURES, extra_fields)

@@ -1,8 +1,10 @@
 """Bad samples: the error that names one, and the report that counts them exactly, across processes.
 
 A loader or transform that meets a bad input raises `BadSampleError(source, reason)` internally and hands it to a
-`SkipReport`. In the default mode the report writes one line to a log file of the current process and the sample is
-dropped; in strict mode the report raises the error instead, so the run stops with the file and the reason named.
+`SkipReport`; a file that cannot be read to its end (a JSON list that does not parse, a broken shard) raises
+`BadFileError`, which the report counts as a file, not as one sample, since the records it held are unknown. In the
+default mode the report writes one line to a log file of the current process and the sample is dropped; in strict
+mode the report raises the error instead, so the run stops with the file and the reason named.
 
 Why files: decoding happens in DataLoader worker processes (and on several ranks), whose memory the main process
 never sees. Each process appends to its own file in the report's `log_dir`, one line per skipped sample, written as
@@ -32,12 +34,14 @@ SKIP_REASONS = (
     "empty_caption",  # no words left after cleaning
     "bad_text_encoding",  # text that is not UTF-8
     "malformed_json",  # a JSON line or file that does not parse
-    "missing_field",  # a record without the image or the text it needs
+    "missing_field",  # a record without the image or the text it needs, or with a field of the wrong type
+    "unsafe_path",  # an image path that leaves its folder (absolute, or through "..")
     "broken_shard",  # a tar or parquet file that cannot be read on (its remaining samples are lost)
 )
 
 _PROCESS_LOG_GLOB = "proc-*.jsonl"
 _MESSAGES_PER_PROCESS = 10
+_FILES_NAMED = 5  # in the summary; the written list has them all
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +64,19 @@ class BadSampleError(ValueError):
         super().__init__(message)
 
 
+class BadFileError(BadSampleError):
+    """A file that cannot be read to its end: `source` names the file. Its unread records cannot be counted, so the
+    report lists the file instead of counting one sample."""
+
+
 @dataclass(frozen=True)
 class SkippedSample:
-    """One skipped sample, as listed by `SkipReport`."""
+    """One skipped sample, as listed by `SkipReport`; `whole_file` marks a file that could not be read to its end."""
 
     source: str
     reason: str
     detail: str = ""
+    whole_file: bool = False
 
 
 class SkipReport:
@@ -93,7 +103,7 @@ class SkipReport:
         """Skip the sample `error` describes (or raise the error in strict mode)."""
         if self.strict:
             raise error
-        entry = SkippedSample(error.source, error.reason or "unknown", error.detail)
+        entry = SkippedSample(error.source, error.reason or "unknown", error.detail, isinstance(error, BadFileError))
         # One short append per sample, flushed on close: the line survives even if the worker is killed next.
         with open(self._process_log(), "a", encoding="utf-8") as log:
             log.write(json.dumps(asdict(entry)) + "\n")
@@ -110,11 +120,16 @@ class SkipReport:
         # The host name keeps two ranks with the same pid on different nodes apart.
         return self.log_dir / f"proc-{socket.gethostname()}-{os.getpid()}.jsonl"
 
+    def part(self, name: str) -> SkipReport:
+        """A report that writes to the subdirectory `name` and is counted with this one (its `clear()` clears only
+        itself): e.g. what loading loses, which a resumed run must count once, not once per start."""
+        return SkipReport(self.log_dir / name, strict=self.strict)
+
     @property
     def skipped(self) -> list[SkippedSample]:
-        """Every skipped sample recorded so far, by any process."""
+        """Every skipped sample and unreadable file recorded so far, by any process, parts included."""
         entries = []
-        for log_file in sorted(self.log_dir.glob(_PROCESS_LOG_GLOB)):
+        for log_file in sorted(self.log_dir.rglob(_PROCESS_LOG_GLOB)):
             with open(log_file, encoding="utf-8") as log:
                 for line in log:
                     try:
@@ -124,20 +139,36 @@ class SkipReport:
         return entries
 
     def __len__(self) -> int:
+        """The number of entries: skipped samples and unreadable files."""
         return len(self.skipped)
 
     def counts(self) -> Counter:
-        """How many samples were skipped for each reason."""
-        return Counter(entry.reason for entry in self.skipped)
+        """How many samples were skipped for each reason (unreadable files are in `unreadable_files`)."""
+        return Counter(entry.reason for entry in self.skipped if not entry.whole_file)
+
+    @property
+    def unreadable_files(self) -> list[SkippedSample]:
+        """The files that could not be read to their end, whose unread records no count includes."""
+        return [entry for entry in self.skipped if entry.whole_file]
 
     def summary(self) -> str:
         counts = self.counts()
         total = sum(counts.values())
         if total == 0:
-            return "Skipped no samples."
-        by_reason = ", ".join(f"{count} {reason}" for reason, count in counts.most_common())
-        noun = "sample" if total == 1 else "samples"
-        return f"Skipped {total} {noun}: {by_reason}"
+            samples = "Skipped no samples."
+        else:
+            by_reason = ", ".join(f"{count} {reason}" for reason, count in counts.most_common())
+            samples = f"Skipped {total} {'sample' if total == 1 else 'samples'}: {by_reason}"
+        files = self.unreadable_files
+        if not files:
+            return samples
+        named = ", ".join(f"{entry.source} ({entry.reason})" for entry in files[:_FILES_NAMED])
+        more = f" and {len(files) - _FILES_NAMED} more" if len(files) > _FILES_NAMED else ""
+        noun = "file" if len(files) == 1 else "files"
+        return (
+            f"{samples.removesuffix('.')}. Could not read {len(files)} {noun} to the end (their unread records are"
+            f" not counted): {named}{more}."
+        )
 
     def write(self, path: str | os.PathLike) -> Path:
         """Write every skipped sample to `path`, one JSON object per line."""
@@ -156,8 +187,8 @@ class SkipReport:
         return summary
 
     def clear(self) -> None:
-        """Forget everything recorded so far (e.g. between evaluation passes)."""
-        for log_file in self.log_dir.glob(_PROCESS_LOG_GLOB):
+        """Forget everything recorded so far, parts included (e.g. between evaluation passes)."""
+        for log_file in self.log_dir.rglob(_PROCESS_LOG_GLOB):
             log_file.unlink(missing_ok=True)
 
     def __repr__(self) -> str:

@@ -2,8 +2,9 @@
 
 Each shard (a tar or parquet file) is one unit of work: `datasets` hands shards to DataLoader workers, and
 `split_dataset_by_node` hands them to ranks, so every sample is read exactly once per epoch. A shard that breaks
-part-way (truncated download, bad gzip, foreign file) is reported as `broken_shard` and the stream continues with
-the next; the samples read before the break are kept. Images stay encoded bytes until `DecodeImages` decodes them.
+part-way (truncated download, bad gzip, foreign file) is reported as `broken_shard`, an unreadable file rather than
+a count of samples, and the stream continues with the next; the samples read before the break are kept. Images stay
+encoded bytes until `DecodeImages` decodes them.
 
 Under `Trainer`/accelerate leave `rank` and `world_size` unset: accelerate shards a `datasets.IterableDataset` by
 node itself (with `dispatch_batches=False`) or reads on rank 0 and dispatches batches (its default). Set them in a
@@ -24,7 +25,7 @@ from datasets.distributed import split_dataset_by_node
 
 from .annotations import clean_caption
 from .decoding import IMAGE_EXTENSIONS, decode_text, parse_json
-from .skips import BadSampleError, SkipReport
+from .skips import BadFileError, BadSampleError, SkipReport
 from .text import MAX_WORDS
 
 CAPTION_EXTENSIONS = ("txt", "caption", "text")
@@ -132,7 +133,7 @@ def _webdataset_examples(
             raise
         except (tarfile.TarError, OSError, EOFError, ValueError) as error:  # zlib and gzip errors are OSErrors
             reason = "missing_file" if not os.path.exists(shard) else "broken_shard"
-            report.record(BadSampleError(shard, reason, f"{type(error).__name__}: {error}"))
+            report.record(BadFileError(shard, reason, f"{type(error).__name__}: {error}"))
 
 
 def load_webdataset(
@@ -214,7 +215,7 @@ def _parquet_examples(
             raise
         except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for damaged files
             reason = "missing_file" if not os.path.exists(shard) else "broken_shard"
-            report.record(BadSampleError(shard, reason, f"{type(error).__name__}: {error}"))
+            report.record(BadFileError(shard, reason, f"{type(error).__name__}: {error}"))
 
 
 def stream_parquet(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 
 # Word limits per task: 30 for pretraining and caption training and 40 for NLVR2 statements, as the original sets
@@ -18,14 +19,38 @@ _SIDE_SWAPS = {"left": "right", "right": "left", "leftmost": "rightmost", "right
 _SIDE_WORD = re.compile(r"\b(" + "|".join(_SIDE_SWAPS) + r")\b", flags=re.IGNORECASE)
 
 
+# What a BERT tokenizer drops as it cleans text: control and format characters (NUL, zero-width spaces, joiners,
+# BOMs...) and U+FFFD. A caption made of these alone would pass as text and tokenise to [CLS] [SEP].
+_INVISIBLE_CATEGORIES = ("Cc", "Cf")
+_REPLACEMENT_CHARACTER = "\ufffd"
+
+
+def _visible_text(text: str) -> str:
+    """The text with every kind of whitespace (tab, CR, NBSP, ideographic space...) as a plain space, and without
+    the characters a tokenizer drops."""
+    if text.isprintable() and _REPLACEMENT_CHARACTER not in text:  # nearly every caption: no character to look at
+        return text
+    kept = []
+    for character in text:
+        if character.isspace():
+            kept.append(" ")
+        elif unicodedata.category(character) not in _INVISIBLE_CATEGORIES and character != _REPLACEMENT_CHARACTER:
+            kept.append(character)
+    return "".join(kept)
+
+
 def _truncate_words(text: str, max_words: int) -> str:
     words = text.split(" ")
     return " ".join(words[:max_words]) if len(words) > max_words else text
 
 
 def pre_caption(caption: str, max_words: int = 50) -> str:
-    """Clean a caption the way BLIP does: lower case, punctuation to spaces, single spaces, at most `max_words`."""
-    caption = _PUNCTUATION.sub(" ", caption.lower())
+    """Clean a caption the way BLIP does: lower case, punctuation to spaces, single spaces, at most `max_words`.
+
+    Unlike the original, any whitespace counts as a space and invisible characters are removed first, so that a
+    caption of tabs, no-break or zero-width spaces comes out empty rather than as text without words.
+    """
+    caption = _PUNCTUATION.sub(" ", _visible_text(caption).lower())
     caption = _SPACES.sub(" ", caption)
     caption = caption.rstrip("\n").strip(" ")
     return _truncate_words(caption, max_words)
@@ -34,9 +59,10 @@ def pre_caption(caption: str, max_words: int = 50) -> str:
 def pre_question(question: str, max_words: int = 50) -> str:
     """Clean a VQA question the way BLIP does: lower case, punctuation removed (not spaced), at most `max_words`.
 
-    Unlike the original we also collapse runs of whitespace, which it leaves in and which then become empty words.
+    Unlike the original we also collapse runs of whitespace, which it leaves in and which then become empty words,
+    and remove invisible characters as `pre_caption` does.
     """
-    question = _PUNCTUATION.sub("", question.lower())
+    question = _PUNCTUATION.sub("", _visible_text(question).lower())
     question = _SPACES.sub(" ", question).strip()
     return _truncate_words(question, max_words)
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..data import DecodeImages, SkippingCollator, pre_caption
+from ..data import DecodeImages, SkippingCollator, pre_caption, stable_id
 
 
 class ImageTextCollator:
@@ -76,7 +76,9 @@ class ImageTextCollator:
             "attention_mask": encoded["attention_mask"],
         }
         if self.image_id_column is not None:
-            batch["image_ids"] = torch.tensor([int(row[self.image_id_column]) for row in rows], dtype=torch.long)
+            # `stable_id` keeps integer ids and maps any other id (a string such as "coco_391895") to a fixed int64.
+            ids = [stable_id(row[self.image_id_column]) for row in rows]
+            batch["image_ids"] = torch.tensor(ids, dtype=torch.long)
         return batch
 
 
