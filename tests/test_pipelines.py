@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
-from conftest import random_image
+from conftest import random_image, tiny_vocab
 from huggingface_hub import HfApi
 from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForImageTextToText,
     AutoModelForVisualQuestionAnswering,
+    BertTokenizerFast,
     pipeline,
 )
 
-from transformers_blip import BlipForConditionalGeneration, BlipForQuestionAnswering, BlipModel
+from transformers_blip import BlipForConditionalGeneration, BlipForQuestionAnswering, BlipModel, build_processor
+from transformers_blip.data import load_image
+from transformers_blip.image_processing_blip import ImageDecodeError
 from transformers_blip.pipelines import BlipImageToTextPipeline, BlipVisualQuestionAnsweringPipeline
 
 # Makes `import transformers_blip` fail, as on a machine where the package is not installed.
@@ -75,11 +81,12 @@ def test_auto_classes_load_our_heads_with_the_package(saved_captioner, saved_vqa
     assert isinstance(AutoModel.from_pretrained(tmp_path / "features"), BlipModel)
 
 
-def test_remote_code_captions_without_the_package(saved_captioner, tmp_path):
+def test_remote_code_captions_without_the_package(saved_captioner, processor, tmp_path):
     """A fresh process without transformers_blip: Auto class + pipeline("image-to-text") from the saved files only."""
     model, path = saved_captioner
     image = random_image(0)
     image.save(tmp_path / "image.png")
+    files = sixteen_bit_and_transparent_files(tmp_path)
     out = run_without_package(
         f"""
         import json, torch
@@ -92,7 +99,9 @@ def test_remote_code_captions_without_the_package(saved_captioner, tmp_path):
         ids = model.generate(inputs.pixel_values, num_beams=1, max_length=10).tolist()
         captioner = pipeline("image-to-text", model=path, trust_remote_code=True)
         result = captioner(Image.open({str(tmp_path / "image.png")!r}))
-        print(json.dumps({{"class": type(model).__module__, "ids": ids, "result": result}}))
+        # What the pipeline feeds the model for files given by path, decoded by the saved processor's code.
+        pixels = [captioner.preprocess(file)["pixel_values"].tolist() for file in {[str(file) for file in files]!r}]
+        print(json.dumps({{"class": type(model).__module__, "ids": ids, "result": result, "pixels": pixels}}))
         """
     )
     assert out["class"].startswith("transformers_modules")
@@ -103,6 +112,9 @@ def test_remote_code_captions_without_the_package(saved_captioner, tmp_path):
     pixels = local.processor(images=image, return_tensors="pt").pixel_values
     assert model.generate(pixels, num_beams=1, max_length=10).tolist() == out["ids"]
     assert local(image) == out["result"]
+    for file, remote_pixels in zip(files, out["pixels"]):
+        training = processor(images=load_image(file), return_tensors="pt").pixel_values
+        assert torch.equal(torch.tensor(remote_pixels), training)
 
 
 def test_remote_code_answers_questions_without_the_package(saved_vqa):
@@ -214,3 +226,88 @@ def test_zero_shot_image_classification_ranks_labels_by_itc(tmp_path, config, pr
     )
     assert out["class"].startswith("transformers_modules")
     assert {row["label"]: row["score"] for row in out["scores"]} == pytest.approx(expected, abs=1e-5)
+
+
+def spy_on_generate(pipe, monkeypatch) -> list[torch.Tensor]:
+    """Records the pixel values each `generate` call receives, then generates as usual."""
+    seen, generate = [], pipe.model.generate
+
+    def recording_generate(*args, **kwargs):
+        seen.append(kwargs["pixel_values"])
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.model, "generate", recording_generate)
+    return seen
+
+
+def sixteen_bit_and_transparent_files(tmp_path) -> list:
+    """A 16-bit grey ramp (PIL's plain RGB conversion clips it white) and an RGBA image whose transparent half hides
+    black pixels (a plain conversion shows them)."""
+    ramp = np.tile(np.linspace(0, 65535, 48), (40, 1)).astype(np.uint16)
+    PIL.Image.fromarray(ramp).save(tmp_path / "sixteen_bit.png")
+    rgba = np.zeros((40, 48, 4), dtype=np.uint8)
+    rgba[:, :24] = (255, 0, 0, 255)  # opaque red left half, fully transparent black right half
+    PIL.Image.fromarray(rgba).save(tmp_path / "transparent.png")
+    return [tmp_path / "sixteen_bit.png", tmp_path / "transparent.png"]
+
+
+def test_pipelines_decode_files_as_training_and_the_processor_do(saved_captioner, saved_vqa, processor, tmp_path):
+    captioner = pipeline("image-to-text", model=str(saved_captioner[1]), pipeline_class=BlipImageToTextPipeline)
+    vqa = pipeline(
+        "visual-question-answering", model=str(saved_vqa[1]), pipeline_class=BlipVisualQuestionAnsweringPipeline
+    )
+    monkeypatch = pytest.MonkeyPatch()
+    seen_by_captioner, seen_by_vqa = spy_on_generate(captioner, monkeypatch), spy_on_generate(vqa, monkeypatch)
+    paths = sixteen_bit_and_transparent_files(tmp_path)
+    for path in paths:
+        captioner(str(path), num_beams=1, max_length=6)
+        vqa(image=str(path), question="what colour is the square ?", num_beams=1, max_length=6)
+    monkeypatch.undo()
+    for index, path in enumerate(paths):
+        training = processor(images=load_image(path), return_tensors="pt").pixel_values
+        assert torch.equal(seen_by_captioner[index], training)
+        assert torch.equal(seen_by_vqa[index], training)
+    # Not clipped to white, and the transparent half white rather than its hidden black.
+    grey = processor(images=load_image(paths[0]), return_tensors="np").pixel_values[0, 0]
+    assert grey[:, 0].mean() < grey[:, -1].mean()
+    assert np.array_equal(np.asarray(load_image(paths[1]))[0, -1], [255, 255, 255])
+
+
+def test_pipelines_name_a_truncated_file(saved_captioner, saved_vqa, tmp_path):
+    encoded = tmp_path / "whole.png"
+    random_image(5, size=(64, 64)).save(encoded)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(encoded.read_bytes()[:-200])
+    captioner = pipeline("image-to-text", model=str(saved_captioner[1]), pipeline_class=BlipImageToTextPipeline)
+    with pytest.raises(ImageDecodeError, match=rf"{re.escape(str(truncated))}: truncated_image"):
+        captioner([str(encoded), str(truncated)], num_beams=1, max_length=6)
+    vqa = pipeline(
+        "visual-question-answering", model=str(saved_vqa[1]), pipeline_class=BlipVisualQuestionAnsweringPipeline
+    )
+    with pytest.raises(ImageDecodeError, match=rf"{re.escape(str(truncated))}: truncated_image"):
+        vqa(image=str(truncated), question="what colour is the square ?")
+
+
+def tokenizer_with_words(*words: str):
+    """The tiny tokenizer with `words` in place of its first unused tokens, so the vocabulary size stays 128."""
+    vocab = tiny_vocab()
+    for index, word in enumerate(words, start=1):
+        vocab[vocab.index(f"[unused{index}]")] = word
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})
+    tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    return tokenizer
+
+
+def test_image_to_text_strips_the_prompt_at_a_word_boundary(config, monkeypatch):
+    tokenizer = tokenizer_with_words("##fering", "view")
+    model = BlipForConditionalGeneration(config).eval()
+    captioner = BlipImageToTextPipeline(model=model, processor=build_processor(tokenizer, image_size=32))
+
+    def generate_caption(text: str):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        generated = torch.tensor([[tokenizer.bos_token_id, *ids, tokenizer.sep_token_id]])
+        monkeypatch.setattr(model, "generate", lambda *args, **kwargs: generated)
+        return captioner(random_image(6), prompt="a picture of ")[0]["generated_text"]
+
+    assert generate_caption("a picture offering a view") == "a picture offering a view"
+    assert generate_caption("a picture of a view") == "a view"

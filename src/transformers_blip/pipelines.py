@@ -9,7 +9,8 @@ and carries this file beside its weights, so both tasks work again:
 
 With the package installed, pass `pipeline_class=BlipImageToTextPipeline` (or `BlipVisualQuestionAnsweringPipeline`)
 instead of trusting remote code. This file imports nothing from the package, so that it works where the package is
-not installed.
+not installed: it reaches the package's image decoder and caption decoding through the processor it is given
+(`processor.image_processor.load_image`, `processor.decode_captions`), which a saved model carries as source files.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Any
 
 import torch
 from transformers import Pipeline
-from transformers.image_utils import load_image
 
 CUSTOM_PIPELINES = {
     "image-to-text": {
@@ -34,22 +34,31 @@ CUSTOM_PIPELINES = {
 }
 
 
-def strip_prompt(text: str, prompt: str | None) -> str:
-    """Drops a leading prompt from decoded text, as BLIP returns captions without "a picture of"."""
-    text = text.strip()
-    if prompt:
-        prompt = prompt.strip().lower()
-        if text.lower().startswith(prompt):
-            text = text[len(prompt) :]
-    return text.strip()
+def _processor_method(owner: Any, name: str) -> Any:
+    """`owner.name`, or a TypeError saying which processor BLIP's pipelines need."""
+    method = getattr(owner, name, None)
+    if method is None:
+        raise TypeError(
+            "BLIP's pipelines decode images and captions with the processor that transformers_blip saves beside its "
+            f"models (BlipImageTextProcessor); {type(owner).__name__} has no `{name}`. Save "
+            "`transformers_blip.build_processor(tokenizer, image_size=...)` beside the model."
+        )
+    return method
+
+
+def _load_image(pipeline: Pipeline, image: Any, timeout: float | None) -> Any:
+    """The image decoded by the processor's own decoder: any mode to RGB, bombs refused, the file named in errors."""
+    return _processor_method(pipeline.processor.image_processor, "load_image")(image, timeout=timeout)
 
 
 class BlipImageToTextPipeline(Pipeline):
     """Captions images: `pipe(image_or_images, prompt=None, **generate_kwargs)` -> `[{"generated_text": ...}]`.
 
-    Images may be PIL images, local paths or URLs. `prompt` (e.g. "a picture of") is continued by the decoder and
-    stripped from the result. Generation defaults come from the model's generation config (beam search, 3 beams,
-    5 to 20 tokens for BLIP captioners); any `generate` option may be passed, e.g. `num_beams=1` or `do_sample=True`.
+    Images may be PIL images, local paths, encoded bytes or URLs, decoded as in training (see docs/processing.md).
+    `prompt` (e.g. "a picture of") is continued by the decoder and stripped from the result at a word boundary, by
+    the processor's `decode_captions`: "a picture offering a view" keeps its first word whole. Generation defaults
+    come from the model's generation config (beam search, 3 beams, 5 to 20 tokens for BLIP captioners); any
+    `generate` option may be passed, e.g. `num_beams=1` or `do_sample=True`.
     """
 
     _load_processor = True
@@ -67,7 +76,7 @@ class BlipImageToTextPipeline(Pipeline):
         return super().__call__(images, **kwargs)
 
     def preprocess(self, image: Any, prompt: str | None = None, timeout: float | None = None) -> dict:
-        image = load_image(image, timeout=timeout)
+        image = _load_image(self, image, timeout)
         if prompt:
             inputs = self.processor(images=image, text=prompt, return_tensors="pt")
         else:
@@ -80,8 +89,8 @@ class BlipImageToTextPipeline(Pipeline):
         return {"generated_ids": generated_ids}
 
     def postprocess(self, model_outputs: dict, prompt: str | None = None) -> list[dict[str, str]]:
-        texts = self.processor.batch_decode(model_outputs["generated_ids"], skip_special_tokens=True)
-        return [{"generated_text": strip_prompt(text, prompt)} for text in texts]
+        decode_captions = _processor_method(self.processor, "decode_captions")
+        return [{"generated_text": text} for text in decode_captions(model_outputs["generated_ids"], prompt=prompt)]
 
 
 class BlipVisualQuestionAnsweringPipeline(Pipeline):
@@ -117,7 +126,7 @@ class BlipVisualQuestionAnsweringPipeline(Pipeline):
         return super().__call__({"image": image, "question": question}, **kwargs)
 
     def preprocess(self, inputs: dict, timeout: float | None = None) -> dict:
-        image = load_image(inputs["image"], timeout=timeout)
+        image = _load_image(self, inputs["image"], timeout)
         model_inputs = self.processor(images=image, text=inputs["question"], return_tensors="pt")
         model_inputs["pixel_values"] = model_inputs["pixel_values"].to(self.dtype)
         return model_inputs
@@ -143,7 +152,7 @@ class BlipVisualQuestionAnsweringPipeline(Pipeline):
         scores = getattr(output, "sequences_scores", None)
         if scores is None:  # greedy search returns no sequence score
             scores = torch.zeros(output.sequences.shape[0])
-        answers = self.processor.batch_decode(output.sequences, skip_special_tokens=True)
+        answers = _processor_method(self.processor, "decode_captions")(output.sequences)
         return {"answers": answers, "scores": scores.exp().tolist()}
 
     def _rank(self, model_inputs: dict, top_k: int, candidates: list[str]) -> dict:
@@ -162,9 +171,9 @@ class BlipVisualQuestionAnsweringPipeline(Pipeline):
 
     def postprocess(self, model_outputs: dict) -> list[dict[str, Any]]:
         return [
-            {"answer": answer.strip(), "score": score}
+            {"answer": answer, "score": score}
             for answer, score in zip(model_outputs["answers"], model_outputs["scores"])
         ]
 
 
-__all__ = ["BlipImageToTextPipeline", "BlipVisualQuestionAnsweringPipeline", "CUSTOM_PIPELINES", "strip_prompt"]
+__all__ = ["BlipImageToTextPipeline", "BlipVisualQuestionAnsweringPipeline", "CUSTOM_PIPELINES"]
