@@ -5,6 +5,8 @@
 - `model_sizes`: the tiny, base and large sizes and the pretraining config of each.
 - `data_sources`: the pairs a run trains on, the synthetic benchmark or a real format, by name.
 - `trainer`: `BlipPreTrainingTrainer` and the checks a multi-process launch needs.
+- `schedules`: BLIP's learning-rate schedules and optimiser rules (decay on every parameter) for any Trainer.
+- `recipes`: the original's configurations as `--recipe` presets.
 
 The ITC retrieval check moved to `transformers_blip.evaluation`; its names still import from here for one more
 release.
@@ -14,6 +16,8 @@ from .callbacks import MomentumUpdateCallback, unwrap_model
 from .collators import DecodingCollator, ImageTextCollator
 from .data_sources import PAIR_COLUMNS, load_pretraining_pairs, with_caption_lengths
 from .model_sizes import MODEL_SIZES, pretraining_config
+from .recipes import RECIPES, parse_with_recipe
+from .schedules import BlipLRSchedule, BlipOptimizationMixin, blip_lr_scheduler
 from .trainer import (
     LOGGED_LOSSES,
     BlipPreTrainingTrainer,
@@ -39,13 +43,18 @@ __all__ = [
     "LOGGED_LOSSES",
     "MODEL_SIZES",
     "PAIR_COLUMNS",
+    "RECIPES",
+    "BlipLRSchedule",
+    "BlipOptimizationMixin",
     "BlipPreTrainingTrainer",
     "DecodingCollator",
     "ImageTextCollator",
     "MomentumUpdateCallback",
     "check_processes_train_together",
     "load_pretraining_pairs",
+    "blip_lr_scheduler",
     "optimizer_steps_per_epoch",
+    "parse_with_recipe",
     "pretraining_config",
     "unwrap_model",
     "with_caption_lengths",
