@@ -89,12 +89,17 @@ class DataArguments:
     synthetic_noise_rate: float = field(default=0.4, metadata={"help": "Share of noisy synthetic web captions."})
     min_crop_scale: float = field(default=0.2, metadata={"help": "Smallest random crop, as a share of the image."})
     randaugment: bool = field(default=True, metadata={"help": "RandAugment (2 operations, magnitude 5) as BLIP."})
+    strict_data: bool = field(
+        default=False,
+        metadata={"help": "Stop at the first bad record or image, naming its file, instead of skipping it."},
+    )
 
 
 def main() -> None:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    # The paper's optimisation (AdamW, lr 3e-4, weight decay 0.05), and columns kept for the collator. Without GPUs
-    # `use_cpu` is what lets Trainer join the processes of `torchrun` / `accelerate launch` (gloo).
+    # The paper's optimisation (AdamW, lr 3e-4, weight decay 0.05). `remove_unused_columns` is False because the
+    # collator reads `image` and `caption`, which the model's forward does not name; True is refused below. Without
+    # GPUs `use_cpu` is what lets Trainer join the processes of `torchrun` / `accelerate launch` (gloo).
     parser.set_defaults(
         output_dir="outputs/pretrain", learning_rate=3e-4, weight_decay=0.05, lr_scheduler_type="cosine",
         warmup_steps=0.05, num_train_epochs=1, per_device_train_batch_size=32, logging_steps=10,
@@ -102,8 +107,9 @@ def main() -> None:
         use_cpu=not torch.accelerator.is_available(),
     )  # fmt: skip
     model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    if training_args.remove_unused_columns:
+        parser.error("--remove_unused_columns must stay False: Trainer would drop the image and caption columns")
     check_processes_train_together(training_args)
-    training_args.remove_unused_columns = False  # the collator reads `image` and `caption`
 
     synthetic_kwargs = {  # --synthetic_seed -> seed, --synthetic_num_human -> num_human, ...
         name.removeprefix("synthetic_"): value
@@ -111,9 +117,16 @@ def main() -> None:
         if name.startswith("synthetic")
     }
     synthetic_kwargs["image_size"] = model_args.image_size
+    # One report for the run: records lost while loading, shards that break while streaming, images that do not decode.
+    skip_report = SkipReport(log_dir=os.path.join(training_args.output_dir, "skipped"), strict=data_args.strict_data)
     with training_args.main_process_first(desc="building the dataset"):
         train_dataset, held_out = load_pretraining_pairs(
-            data_args.source, data_args.train_files, data_args.image_root, synthetic_kwargs
+            data_args.source,
+            data_args.train_files,
+            data_args.image_root,
+            synthetic_kwargs,
+            report=skip_report,
+            count_load_skips=training_args.process_index == 0,
         )
 
     if model_args.model_name_or_path:  # a saved pretraining run: its weights, momentum, queues and tokenizer
@@ -144,7 +157,6 @@ def main() -> None:
     group_by_length = training_args.train_sampling_strategy == "group_by_length"
     if group_by_length:
         train_dataset = with_caption_lengths(train_dataset)
-    skip_report = SkipReport(log_dir=os.path.join(training_args.output_dir, "skipped"))
     train_transform = BlipTrainTransform(
         model_args.image_size, scale=(data_args.min_crop_scale, 1.0), randaugment=data_args.randaugment
     )

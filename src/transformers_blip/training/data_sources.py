@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from datasets import Dataset, IterableDataset, concatenate_datasets
 
 from ..benchmark import build_synthetic_benchmark
 from ..data import (
+    SkipReport,
     flatten_captions,
     load_caption_json,
     load_coco_karpathy,
@@ -20,11 +22,30 @@ from ..data import (
 PAIR_COLUMNS = ["image", "caption", "image_id"]
 
 
+def _one_folder(files: Sequence[str], report: SkipReport) -> Dataset:
+    if len(files) != 1:
+        raise ValueError(f"the 'image_folder' source reads one folder; got {len(files)}: {list(files)}")
+    return load_image_folder(files[0], report=report)
+
+
+# The formats read whole when the run starts, by every process: (files, image root, report) -> pairs.
+_FILE_LOADERS: dict[str, Callable[[Sequence[str], str | None, SkipReport], Dataset]] = {
+    "coco_karpathy": lambda files, root, report: concatenate_datasets(
+        [load_coco_karpathy(file, root, report=report) for file in files]
+    ),
+    "caption_json": lambda files, root, report: load_caption_json(files, root, report=report),
+    "image_folder": lambda files, root, report: _one_folder(files, report),
+    "parquet": lambda files, root, report: load_parquet(files, report=report),
+}
+
+
 def load_pretraining_pairs(
     source: str,
     files: Sequence[str] = (),
     image_root: str | None = None,
     synthetic_kwargs: dict[str, Any] | None = None,
+    report: SkipReport | None = None,
+    count_load_skips: bool = True,
 ) -> tuple[Dataset | IterableDataset, Dataset | None]:
     """Image-text pairs to pretrain on and, for the synthetic benchmark, held-out images with their captions.
 
@@ -37,9 +58,15 @@ def load_pretraining_pairs(
         image_root: where the relative image paths of the JSON formats start.
         synthetic_kwargs: arguments of `build_synthetic_benchmark` (its VQA, NLVR2 and validation splits are kept
             minimal unless given).
+        report: the run's `SkipReport`. What the files lose when they are read goes to its `"loading"` part, which
+            is emptied first, since a resumed run reads the same files again; webdataset shards report there as
+            they stream. A strict report stops at the first bad record.
+        count_load_skips: `False` on every process but the main one: each process reads the same files and would
+            count their losses once more (strict mode still raises everywhere).
 
     Returns:
-        `(train, held_out)`. `train` has `image`, `caption` and, where the source has them, `image_id`.
+        `(train, held_out)`. `train` has `image`, `caption` and, where the source has them, `image_id`. A source
+        that yields no pair at all, or no `caption` column, is an error naming the files.
     """
     if source == "synthetic":
         benchmark = build_synthetic_benchmark(
@@ -48,19 +75,30 @@ def load_pretraining_pairs(
         human = flatten_captions(benchmark["human"]).select_columns(PAIR_COLUMNS)
         web = benchmark["web"].select_columns(PAIR_COLUMNS)
         return concatenate_datasets([human, web]), benchmark["test"]
+    if source != "webdataset" and source not in _FILE_LOADERS:
+        raise ValueError(f"unknown source {source!r}; choose synthetic, webdataset or one of {sorted(_FILE_LOADERS)}")
     if not files:
         raise ValueError(f"the {source!r} source needs files (annotation files, a folder, parquet files or shards)")
-    if source == "coco_karpathy":
-        return concatenate_datasets([load_coco_karpathy(file, image_root) for file in files]), None
-    loaders = {
-        "caption_json": lambda: load_caption_json(files, image_root),
-        "image_folder": lambda: load_image_folder(files[0]),
-        "parquet": lambda: load_parquet(files),
-        "webdataset": lambda: load_webdataset(files),
-    }
-    if source not in loaders:
-        raise ValueError(f"unknown source {source!r}; choose synthetic, coco_karpathy or one of {sorted(loaders)}")
-    return loaders[source](), None
+    report = report if report is not None else SkipReport()
+    if source == "webdataset":  # read as it streams, each shard by one process: every process counts its own
+        return load_webdataset(files, report=report), None
+    if count_load_skips:
+        load_report = report.part("loading")
+        load_report.clear()
+        return _read_files(source, files, image_root, load_report), None
+    with tempfile.TemporaryDirectory(prefix="blip-uncounted-") as scratch:
+        return _read_files(source, files, image_root, SkipReport(scratch, strict=report.strict)), None
+
+
+def _read_files(source: str, files: Sequence[str], image_root: str | None, report: SkipReport) -> Dataset:
+    """The pairs of a format read whole, unless they cannot train anything: then an error naming the inputs."""
+    pairs = _FILE_LOADERS[source](files, image_root, report)
+    inputs = f"the {source!r} source ({', '.join(map(str, files))})"
+    if len(pairs) == 0:
+        raise ValueError(f"{inputs} gave no usable image-text pair. {report.summary()}")
+    if "caption" not in pairs.column_names:
+        raise ValueError(f"{inputs} has no 'caption' column, only {pairs.column_names}")
+    return pairs
 
 
 def with_caption_lengths(dataset: Dataset, text_column: str = "caption") -> Dataset:
