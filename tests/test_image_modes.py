@@ -8,7 +8,7 @@ import PIL.Image
 import pytest
 from test_data_decoding import png_bomb
 
-from transformers_blip.data import BadSampleError, load_image
+from transformers_blip.data import BadSampleError, BlipEvalTransform, BlipTrainTransform, load_image
 from transformers_blip.image_processing_blip import DEFAULT_MAX_PIXELS, ImageDecodeError
 
 WHITE = (255, 255, 255)
@@ -86,6 +86,19 @@ def test_training_and_inference_give_the_same_pixels_from_memory_and_from_files(
     expected = pixel_values(processor, training[0])
     for inference_input in (image, PIL.Image.open(path), str(path), path):
         np.testing.assert_array_equal(pixel_values(processor, inference_input), expected)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_training_transforms_convert_undecoded_images_as_the_decoder_does(mode):
+    """Images that skipped `load_image` (a dataset's own decoded column) still get the decoder's conversion."""
+    image = varied(mode)
+    decoded = load_image(image, min_side=1)
+    evaluate = BlipEvalTransform(image_size=16, return_tensors=None)
+    np.testing.assert_array_equal(np.asarray(evaluate(image)), np.asarray(evaluate(decoded)))
+    train = BlipTrainTransform(image_size=16, seed=0, return_tensors=None)
+    from_raw = np.asarray(train(image))
+    train = BlipTrainTransform(image_size=16, seed=0, return_tensors=None)
+    np.testing.assert_array_equal(from_raw, np.asarray(train(decoded)))
 
 
 def test_processor_refuses_a_bomb_before_decoding_it(processor, tmp_path):

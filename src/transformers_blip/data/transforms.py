@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
+from .decoding import to_rgb
 from .text import any_mentions_sides, swap_sides, swap_sides_all
 
 BLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -288,7 +289,7 @@ class BlipTrainTransform:
         return self._transform(image, flip=flip, rng=rng), text
 
     def _transform(self, image: Image.Image, flip: bool, rng: random.Random) -> Image.Image | torch.Tensor:
-        image = image.convert("RGB")
+        image = to_rgb(image)  # the decoder's conversion, for images that did not come through it
         box = random_resized_crop_box(image.width, image.height, self.scale, self.ratio, rng)
         image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC, box=box)
         if flip:
@@ -322,7 +323,7 @@ class BlipEvalTransform:
         self.return_tensors = return_tensors
 
     def __call__(self, image: Image.Image) -> Image.Image | torch.Tensor:
-        image = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        image = to_rgb(image).resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
         if self.return_tensors == "pt":
             return to_normalized_tensor(image, self.mean, self.std)
         return image
