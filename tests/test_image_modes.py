@@ -84,7 +84,7 @@ def test_training_and_inference_give_the_same_pixels_from_memory_and_from_files(
     for decoded in training[1:]:
         np.testing.assert_array_equal(np.asarray(decoded), np.asarray(training[0]))
     expected = pixel_values(processor, training[0])
-    for inference_input in (image, PIL.Image.open(path), str(path), path):
+    for inference_input in (image, PIL.Image.open(path), str(path), path, path.read_bytes()):
         np.testing.assert_array_equal(pixel_values(processor, inference_input), expected)
 
 

@@ -230,7 +230,8 @@ class BlipImageProcessorAnyMode(BlipImageProcessorPil):
     transformers' [`BlipImageProcessorPil`] (bicubic resize to `size`, rescale by 1/255, normalise with the CLIP mean
     and std) that decodes every PIL image with [`decode_image`]: any mode becomes a faithful RGB (see [`to_rgb`]),
     the EXIF orientation is applied, an image larger than `max_pixels` is refused before it is decoded, and a broken
-    file raises an [`ImageDecodeError`] that names it. Paths (and URLs) given as images are decoded the same way.
+    file raises an [`ImageDecodeError`] that names it. Paths, URLs and encoded bytes given as images are decoded the
+    same way.
     NumPy arrays and torch tensors follow transformers' conventions (values in 0..255 unless `do_rescale=False`;
     channels first or last). An image with no pixels raises a `ValueError`.
 
@@ -259,10 +260,10 @@ class BlipImageProcessorAnyMode(BlipImageProcessorPil):
         return decode_image(source, max_pixels=self.max_pixels)
 
     def fetch_images(self, image_url_or_urls: Any) -> Any:
-        """Decodes images given as paths or URLs with [`load_image`], in the structure they came in."""
+        """Decodes images given as paths, URLs or encoded bytes with [`load_image`], in the structure they came in."""
         if isinstance(image_url_or_urls, (list, tuple)):
             return [self.fetch_images(item) for item in image_url_or_urls]
-        if isinstance(image_url_or_urls, (str, os.PathLike)):
+        if isinstance(image_url_or_urls, (str, os.PathLike, bytes, bytearray)):
             return self.load_image(image_url_or_urls)
         return super().fetch_images(image_url_or_urls)
 

@@ -176,9 +176,10 @@ def _num_images(images) -> int:
 class BlipImageTextProcessor(BlipProcessor):
     r"""
     BLIP's processor: [`BlipImageProcessorAnyMode`] for images and a BERT WordPiece tokenizer with `[DEC]` and `[ENC]`
-    (see [`build_tokenizer`]) for text. It is transformers' [`BlipProcessor`] with three additions: images of any PIL
-    mode are converted faithfully, a call with both images and texts checks that there is one text per image, and
-    [`decode_captions`] turns generated ids back into captions.
+    (see [`build_tokenizer`]) for text. It is transformers' [`BlipProcessor`] with three additions: images (PIL images
+    of any mode, paths or encoded bytes) go through the package's one decoder, as in training, a call with both images
+    and texts checks that there is one text per image, and [`decode_captions`] turns generated ids back into captions
+    with the prompt stripped at a word boundary (the rule the pipelines use too).
 
     `processor(images=..., text=..., return_tensors="pt", padding=..., truncation=..., max_length=...)` returns
     `pixel_values` (B, 3, H, W), `input_ids` (`[CLS] ... [SEP]`) and `attention_mask`. To score every image against
