@@ -271,3 +271,12 @@ def test_an_empty_file_name_is_a_missing_field(tmp_path):
     report = SkipReport(tmp_path / "skips")
     assert load_image_folder(folder, report=report)["caption"] == ["y"]
     assert report.counts() == {"missing_field": 1}
+
+
+def test_a_field_of_mixed_types_is_an_error_naming_the_file_and_the_field(tmp_path):
+    folder = write_metadata(
+        tmp_path / "data",
+        [{"file_name": "a.png", "caption": "x", "score": 1}, {"file_name": "b.png", "caption": "y", "score": "high"}],
+    )
+    with pytest.raises(ValueError, match=r"metadata\.jsonl: the field 'score' holds values of types \['int', 'str'\]"):
+        load_image_folder(folder)

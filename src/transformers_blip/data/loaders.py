@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from datasets import Dataset, Features, List, Value
 from datasets import Image as ImageFeature
 
@@ -96,10 +97,26 @@ def _read_rows(
     return rows
 
 
-def _as_dataset(rows: list[dict], features: Features, extra_fields: Sequence[str]) -> Dataset:
+def _inferred_feature(name: str, values: list, files: Sequence[PathLike]) -> dict:
+    """The type `datasets` infers for a column, or an error naming the files when the values cannot share one."""
+    try:
+        return dict(Dataset.from_dict({name: values}).features)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        types = sorted({type(value).__name__ for value in values if value is not None})
+        raise ValueError(
+            f"{', '.join(map(str, files))}: the field {name!r} holds values of types {types}, which cannot form one"
+            f" column ({error})"
+        ) from error
+
+
+def _as_dataset(
+    rows: list[dict], features: Features, extra_fields: Sequence[str], files: Sequence[PathLike]
+) -> Dataset:
     """A Dataset with `features` for the standard columns; extra fields keep the types inferred from the data."""
     columns = {name: [row.get(name) for row in rows] for name in [*features, *extra_fields]}
-    inferred = Dataset.from_dict({name: columns[name] for name in extra_fields}).features if extra_fields else {}
+    inferred = {}
+    for name in extra_fields:
+        inferred.update(_inferred_feature(name, columns[name], files))
     return Dataset.from_dict(columns, features=Features({**features, **inferred}))
 
 
@@ -156,7 +173,7 @@ def load_coco_karpathy(
     is_eval = bool(rows) and "captions" in rows[0]
     text_feature = {"captions": List(Value("string"))} if is_eval else {"caption": Value("string")}
     features = Features({"image": ImageFeature(decode=False), **text_feature, "image_id": Value("int64")})
-    return _as_dataset(rows, features, ())
+    return _as_dataset(rows, features, (), [annotation_file])
 
 
 def load_caption_json(
@@ -177,8 +194,9 @@ def load_caption_json(
         caption = clean_caption(required_field(record, "caption", source), source, max_words)
         return {"image": image, "caption": caption, **_extras(record, extra_fields)}
 
-    rows = _read_rows(_as_files(annotation_files), make_row, _report_or_default(report))
-    return _as_dataset(rows, _PAIR_FEATURES, extra_fields)
+    files = _as_files(annotation_files)
+    rows = _read_rows(files, make_row, _report_or_default(report))
+    return _as_dataset(rows, _PAIR_FEATURES, extra_fields, files)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,7 +269,7 @@ def load_image_folder(
 
     rows = _read_rows([metadata_file], make_row, report, _same_text_fields)
     metadata_fields = [name for name in dict.fromkeys(name for row in rows for name in row) if name != "image"]
-    return _as_dataset(rows, Features({"image": ImageFeature(decode=False)}), metadata_fields)
+    return _as_dataset(rows, Features({"image": ImageFeature(decode=False)}), metadata_fields, [metadata_file])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -406,8 +424,9 @@ def load_vqa(
     def make_row(record: Any, source: str) -> dict:
         return {**_vqa_row(record, source, image_roots, max_words), **_extras(record, extra_fields)}
 
-    rows = _read_rows(_as_files(annotation_files), make_row, _report_or_default(report))
-    return _as_dataset(rows, _VQA_FEATURES, extra_fields)
+    files = _as_files(annotation_files)
+    rows = _read_rows(files, make_row, _report_or_default(report))
+    return _as_dataset(rows, _VQA_FEATURES, extra_fields, files)
 
 
 def vqa_answer_list(dataset: Dataset, column: str = "answers", min_count: int = 1) -> list[str]:
@@ -464,5 +483,6 @@ def load_nlvr(
             **_extras(record, extra_fields),
         }
 
-    rows = _read_rows(_as_files(annotation_files), make_row, _report_or_default(report))
-    return _as_dataset(rows, _NLVR_FEATURES, extra_fields)
+    files = _as_files(annotation_files)
+    rows = _read_rows(files, make_row, _report_or_default(report))
+    return _as_dataset(rows, _NLVR_FEATURES, extra_fields, files)
