@@ -15,7 +15,7 @@ from transformers_blip.convert.original import load_original_checkpoint, save_or
 from transformers_blip.convert.pretraining import task_head_from_pretraining
 from transformers_blip.modeling_pretraining import BlipForPreTraining
 
-LOGGER = "transformers_blip.convert.pretraining"
+LOGGER = "transformers_blip.convert"
 
 
 def make_model(**overrides) -> BlipForVisualReasoning:
@@ -144,11 +144,11 @@ def test_from_pretraining_both_attentions_start_from_the_pretrained_one(caplog):
     torch.manual_seed(0)
     pretraining = BlipForPreTraining(make_config(queue_size=8))
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        model, info = task_head_from_pretraining(BlipForVisualReasoning, pretraining, output_loading_info=True)
+        model, report = task_head_from_pretraining(BlipForVisualReasoning, pretraining, output_report=True)
     assert caplog.records == []  # nothing unexpected, nothing missing
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert report.is_complete
     # make_config has 2 text layers, so layer 1 merges; the classifier is new too.
-    assert set(info["new_keys"]) == {
+    assert set(report.defaulted) == {
         "cls_head.0.weight",
         "cls_head.0.bias",
         "cls_head.2.weight",

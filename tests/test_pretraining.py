@@ -380,9 +380,9 @@ def pretrained_dir(tmp_path):
 
 def test_captioning_head_gets_the_pretraining_decoder(pretrained_dir, caplog):
     path, pretraining = pretrained_dir
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger="transformers_blip"):
         captioner = task_head_from_pretraining(BlipForConditionalGeneration, path)
-    assert not [record for record in caplog.records if "from pretraining" in record.getMessage()]
+    assert caplog.records == []  # nothing missing, nothing dropped unexpectedly
     batch = make_batch()
     expected = pretraining._lm(
         pretraining.vision_model(batch["pixel_values"]).last_hidden_state, batch["input_ids"], batch["attention_mask"]
@@ -393,8 +393,8 @@ def test_captioning_head_gets_the_pretraining_decoder(pretrained_dir, caplog):
 
 def test_retrieval_head_keeps_encoders_projections_and_itm_head(pretrained_dir):
     path, pretraining = pretrained_dir
-    retrieval, info = task_head_from_pretraining(BlipForImageTextRetrieval, path, output_loading_info=True)
-    assert info == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "new_keys": []}
+    retrieval, report = task_head_from_pretraining(BlipForImageTextRetrieval, path, output_report=True)
+    assert report.variant == "pretraining" and report.is_complete and report.defaulted == {}
     for name in ("itm_head.weight", "vision_proj.bias", "text_proj.weight", "temp"):
         assert torch.equal(retrieval.get_parameter(name), pretraining.get_parameter(name))
     batch = make_batch()
@@ -407,8 +407,8 @@ def test_retrieval_head_keeps_encoders_projections_and_itm_head(pretrained_dir):
 
 def test_vqa_head_initialises_its_answer_decoder_from_the_pretraining_decoder(pretrained_dir):
     path, pretraining = pretrained_dir
-    vqa, info = task_head_from_pretraining(BlipForQuestionAnswering, path, output_loading_info=True)
-    assert not any(info.values())
+    vqa, report = task_head_from_pretraining(BlipForQuestionAnswering, path, output_report=True)
+    assert report.is_complete and report.defaulted == {}
     decoder, source = vqa.text_decoder.bert.encoder.layer[1], pretraining.text_decoder.bert.encoder.layer[1]
     assert torch.equal(decoder.attention.self.query.weight, source.attention.self.query.weight)  # decoder's own
     assert torch.equal(decoder.crossattention.self.key.weight, source.crossattention.self.key.weight)  # shared
@@ -425,20 +425,23 @@ def test_vqa_head_initialises_its_answer_decoder_from_the_pretraining_decoder(pr
 def test_task_head_resizes_positions_and_names_what_does_not_fit(pretrained_dir, caplog):
     path, pretraining = pretrained_dir
     larger = make_config(image_size=48)
-    captioner, info = task_head_from_pretraining(
-        BlipForConditionalGeneration, pretraining, larger, output_loading_info=True
+    captioner, report = task_head_from_pretraining(
+        BlipForConditionalGeneration, pretraining, larger, output_report=True
     )
+    position_embedding = "vision_model.embeddings.position_embedding"
     assert captioner.vision_model.embeddings.position_embedding.shape == (1, 37, 32)
-    assert not any(info.values())
+    assert report.resized == {position_embedding: ((1, 17, 32), (1, 37, 32))} and report.is_complete
 
     wider_vocab = make_config()
     wider_vocab.text_config.vocab_size = 130
-    with caplog.at_level(logging.WARNING):
-        _, info = task_head_from_pretraining(
-            BlipForConditionalGeneration, pretraining, wider_vocab, output_loading_info=True
+    with caplog.at_level(logging.WARNING, logger="transformers_blip"):
+        _, report = task_head_from_pretraining(
+            BlipForConditionalGeneration, pretraining, wider_vocab, output_report=True
         )
-    assert any("word_embeddings" in key for key in info["mismatched_keys"])
-    assert any("not loaded from" in record.getMessage() for record in caplog.records)
+    word_embeddings = "text_decoder.bert.embeddings.word_embeddings.weight"
+    assert "(128, 32) in the checkpoint, (130, 32)" in report.dropped_unexpected[word_embeddings]
+    assert word_embeddings in report.missing and not report.is_complete
+    assert any("NOT loaded" in record.getMessage() for record in caplog.records)
 
 
 def test_bf16_autocast_keeps_float32_queues():

@@ -15,7 +15,10 @@ Ours -> original (`{"model": state_dict}`, which the original code's `load_check
     python training_scripts/convert_original_checkpoint.py --to_original --checkpoint blip-captioning-base \
         --output model_caption.pth
 
-What was dropped, resized or missing is printed and saved in the report; see docs/checkpoints.md.
+What was dropped, resized or missing is printed and saved in the report; see docs/checkpoints.md. A conversion that
+drops tensors unexpectedly or leaves some missing writes nothing and exits with status 1, unless `--allow_partial`
+asks for the partial model; a checkpoint with NaN or Inf values, or a file that is not a checkpoint, exits with
+status 1 and a message naming it.
 """
 
 from __future__ import annotations
@@ -52,6 +55,16 @@ class ConversionArguments:
     vocab_file: str | None = field(
         default=None, metadata={"help": "A BERT vocab.txt (bert-base-uncased's): also save BLIP's processor."}
     )
+    text_num_attention_heads: int | None = field(
+        default=None, metadata={"help": "Attention heads of the text model, when they are not 64 wide."}
+    )
+    vision_num_attention_heads: int | None = field(
+        default=None, metadata={"help": "Attention heads of the ViT, when they are not 64 wide."}
+    )
+    allow_partial: bool = field(
+        default=False,
+        metadata={"help": "Write the model even if tensors were dropped unexpectedly or are missing (random)."},
+    )
     transformers_layout: bool = field(
         default=False, metadata={"help": "Write transformers' own BLIP layout instead of ours."}
     )
@@ -80,7 +93,21 @@ def save_processor(vocab_file: str, config: BlipConfig, output: str) -> None:
 
 def import_original(args: ConversionArguments) -> None:
     config = BlipConfig.from_pretrained(args.config) if args.config else None
-    model, report = load_original_checkpoint(args.checkpoint, args.head, args.image_size, config)
+    model, report = load_original_checkpoint(
+        args.checkpoint,
+        args.head,
+        args.image_size,
+        config,
+        text_num_attention_heads=args.text_num_attention_heads,
+        vision_num_attention_heads=args.vision_num_attention_heads,
+    )
+    print(report.summary())
+    if not report.is_complete and not args.allow_partial:
+        raise SystemExit(
+            f"error: {args.checkpoint}: {len(report.dropped_unexpected)} tensors dropped unexpectedly and "
+            f"{len(report.missing)} missing (listed above); nothing written. Pass --allow_partial to write the "
+            "model anyway, with the missing tensors initialised randomly."
+        )
     if args.vocab_file:
         save_processor(args.vocab_file, model.config, args.output)
     if args.transformers_layout:
@@ -89,7 +116,6 @@ def import_original(args: ConversionArguments) -> None:
         model.save_pretrained(args.output)
     with open(os.path.join(args.output, "conversion_report.json"), "w", encoding="utf-8") as f:
         json.dump(report.to_dict(), f, indent=2)
-    print(report.summary())
     print(f"wrote {args.output}")
 
 
@@ -101,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
             export_original(args)
         else:
             import_original(args)
-    except (ValueError, NotImplementedError) as error:  # checkpoints we cannot convert: say why, without a traceback
+    except (ValueError, NotImplementedError, OSError) as error:  # what we cannot convert: say why, without a traceback
         raise SystemExit(f"error: {error}") from error
 
 

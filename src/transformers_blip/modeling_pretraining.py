@@ -51,13 +51,24 @@ from .modeling_vision import BlipVisionModel
 # Submodules of the image-grounded decoder that are the text encoder's own: everything but self-attention.
 _SHARED_WITH_DECODER = r"(embeddings|encoder\.layer\.\d+\.(crossattention|intermediate|output))\."
 
+
+def momentum_name(online_name: str) -> str:
+    """The name of an online module's momentum copy: `_m` appended, in our layout and in the original's alike."""
+    return online_name + "_m"
+
+
 # (online module, momentum copy) attribute names.
-MOMENTUM_PAIRS = (
-    ("vision_model", "vision_model_m"),
-    ("vision_proj", "vision_proj_m"),
-    ("text_encoder", "text_encoder_m"),
-    ("text_proj", "text_proj_m"),
+MOMENTUM_PAIRS = tuple(
+    (online_name, momentum_name(online_name))
+    for online_name in ("vision_model", "vision_proj", "text_encoder", "text_proj")
 )
+# The ITC training state kept in buffers (names shared with the original checkpoints), and what each one holds.
+QUEUE_BUFFERS = {
+    "image_queue": "an ITC feature queue (training state)",
+    "text_queue": "an ITC feature queue (training state)",
+    "idx_queue": "the image-id queue of retrieval training (training state)",
+    "queue_ptr": "the queue write pointer (training state)",
+}
 
 # Id written to the id queue for samples without an image id: it never equals a real (non-negative) id.
 NO_IMAGE_ID = -100
@@ -129,7 +140,9 @@ class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
     accepts_loss_kwargs = False
     _tied_weights_keys = {rf"text_decoder\.bert\.{_SHARED_WITH_DECODER}": rf"text_encoder\.{_SHARED_WITH_DECODER}"}
     # Momentum weights and queues a checkpoint lacks are rebuilt from the online model, as the original does.
-    _keys_to_ignore_on_load_missing = [r"_m\.", r"^(image|text|idx)_queue$", r"^queue_ptr$"]
+    _keys_to_ignore_on_load_missing = [rf"^{momentum}\." for _, momentum in MOMENTUM_PAIRS] + [
+        rf"^{name}$" for name in QUEUE_BUFFERS
+    ]
 
     def __init__(self, config: BlipConfig):
         super().__init__(config)
@@ -444,4 +457,11 @@ def count_unique_parameters(model: nn.Module, include_momentum: bool = False) ->
     return total
 
 
-__all__ = ["BlipForPreTraining", "BlipForPreTrainingOutput", "count_unique_parameters"]
+__all__ = [
+    "MOMENTUM_PAIRS",
+    "QUEUE_BUFFERS",
+    "BlipForPreTraining",
+    "BlipForPreTrainingOutput",
+    "count_unique_parameters",
+    "momentum_name",
+]

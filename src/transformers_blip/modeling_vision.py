@@ -5,6 +5,7 @@ Parameter names follow transformers' BLIP vision model, so that its checkpoints 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -50,6 +51,39 @@ def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> 
     return hidden_states * keep / keep_prob
 
 
+def square_grid_side(num_patches: int) -> int:
+    """The side of the square patch grid that `num_patches` positions cover; an error if they cover none."""
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(
+            f"ViT position embeddings for {num_patches} patches do not form a square grid: BLIP's ViT lays its "
+            "positions out on a square grid of patches (1 + side * side rows, [CLS] first)"
+        )
+    return side
+
+
+def interpolate_position_embedding(
+    position_embedding: torch.Tensor, grid_height: int, grid_width: int
+) -> torch.Tensor:
+    """`(1, 1 + s*s, D)` ViT position embeddings laid out for a `grid_height` x `grid_width` patch grid.
+
+    The patch positions are resized bicubically as an image of the square `s` x `s` grid (in float32, whatever the
+    table's dtype); the `[CLS]` position is kept. The original fine-tuning resizes the same way (224 -> 384 px), so
+    the model's runtime resizing and checkpoint conversion both call this function and agree exactly.
+    """
+    side = square_grid_side(position_embedding.shape[1] - 1)
+    if (grid_height, grid_width) == (side, side):
+        return position_embedding
+    cls_position, patch_positions = position_embedding[:, :1], position_embedding[:, 1:]
+    dim = patch_positions.shape[-1]
+    patch_positions = patch_positions.reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, D, s, s)
+    patch_positions = F.interpolate(
+        patch_positions.float(), size=(grid_height, grid_width), mode="bicubic", align_corners=False
+    ).to(cls_position.dtype)  # (1, D, h, w)
+    patch_positions = patch_positions.permute(0, 2, 3, 1).reshape(1, grid_height * grid_width, dim)
+    return torch.cat([cls_position, patch_positions], dim=1)  # (1, 1 + h*w, D)
+
+
 class BlipVisionEmbeddings(nn.Module):
     """Patch embedding, `[CLS]` token and learned positions, resized when the image size differs from the config."""
 
@@ -65,18 +99,7 @@ class BlipVisionEmbeddings(nn.Module):
 
     def position_embedding_for(self, grid_height: int, grid_width: int) -> torch.Tensor:
         """Position embeddings for a patch grid, bicubically resized from the stored square grid if needed."""
-        num_positions = self.position_embedding.shape[1] - 1
-        if grid_height * grid_width == num_positions and grid_height == grid_width:
-            return self.position_embedding
-        side = int(num_positions**0.5)
-        cls_position, patch_positions = self.position_embedding[:, :1], self.position_embedding[:, 1:]
-        dim = patch_positions.shape[-1]
-        patch_positions = patch_positions.reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, D, side, side)
-        patch_positions = F.interpolate(
-            patch_positions.float(), size=(grid_height, grid_width), mode="bicubic", align_corners=False
-        ).to(cls_position.dtype)
-        patch_positions = patch_positions.permute(0, 2, 3, 1).reshape(1, grid_height * grid_width, dim)
-        return torch.cat([cls_position, patch_positions], dim=1)  # (1, 1 + h*w, D)
+        return interpolate_position_embedding(self.position_embedding, grid_height, grid_width)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         batch_size, _, height, width = pixel_values.shape
@@ -234,4 +257,4 @@ class BlipVisionModel(BlipVisionPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-__all__ = ["BlipVisionModel", "BlipVisionPreTrainedModel"]
+__all__ = ["BlipVisionModel", "BlipVisionPreTrainedModel", "interpolate_position_embedding", "square_grid_side"]

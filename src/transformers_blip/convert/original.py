@@ -14,8 +14,8 @@ silently; here each drop is logged (expected ones at info level, the rest as war
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import math
 import os
 import pickle
 import re
@@ -24,7 +24,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch import nn
 from transformers.utils import logging
 
 from ..configuration_blip import BlipConfig, BlipTextConfig, BlipVisionConfig
@@ -37,10 +36,11 @@ from ..modeling_blip import (
 )
 from ..modeling_nlvr import NEW_IN_NLVR_HEAD, BlipForVisualReasoning, single_attention_name
 from ..modeling_pretraining import BlipForPreTraining
-from ..modeling_vision import BlipVisionEmbeddings
+from ..modeling_vision import interpolate_position_embedding, square_grid_side
 from .original_layout import (
     DEFAULT_HEAD_OF_VARIANT,
     DEFAULTED,
+    NOT_IN_FEATURE_EXTRACTOR,
     ORIGINAL_MODULES,
     detect_variant,
     to_original,
@@ -134,19 +134,59 @@ def _grouped(reasons: Mapping[str, str]) -> list[str]:
 # ---- Reading and inspecting a checkpoint ---------------------------------------------------------------------------
 
 
+def _load_file(path: str | os.PathLike) -> object:
+    """`torch.load` of a `.pth` file with tensors only; a file it cannot read is a `ValueError` naming the file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such checkpoint file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is empty: not a checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds Python objects besides tensors, which weights_only loading refuses. If you trust "
+            "the file, load it yourself (torch.load(path, weights_only=False)) and pass checkpoint['model']."
+        ) from error
+    except (RuntimeError, EOFError, KeyError, OSError) as error:  # what torch.load raises on cut or foreign bytes
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {error}") from error
+
+
 def read_original_state_dict(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The state dict of an original checkpoint: a `.pth` path, the loaded `{"model": ...}` dict or the state dict."""
+    """The state dict of an original checkpoint: a `.pth` path, the loaded `{"model": ...}` dict or the state dict.
+
+    Anything else (a file that is not a checkpoint, a list, a bare tensor, names without tensors) is a `ValueError`
+    that names the file."""
+    source = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "the checkpoint"
     if isinstance(checkpoint, (str, os.PathLike)):
-        try:
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise ValueError(
-                f"{checkpoint} holds Python objects besides tensors, which weights_only loading refuses. If you trust "
-                "the file, load it yourself (torch.load(path, weights_only=False)) and pass checkpoint['model']."
-            ) from error
+        checkpoint = _load_file(checkpoint)
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(
+            f"{source} holds a {type(checkpoint).__name__}, not a state dict: an original BLIP checkpoint is "
+            "{'model': {name: tensor}} or {name: tensor}"
+        )
     if isinstance(checkpoint.get("model"), Mapping):
         checkpoint = checkpoint["model"]
+    not_tensors = [str(key) for key, value in checkpoint.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f"{source}: not a state dict, these entries are not tensors: {', '.join(not_tensors[:10])}")
+    if not checkpoint:
+        raise ValueError(f"{source} holds no tensors")
     return dict(checkpoint)
+
+
+def non_finite_tensors(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors that hold a NaN or an infinity (a diverged or damaged checkpoint)."""
+    return [
+        key
+        for key, tensor in state_dict.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def _check_finite(state_dict: Mapping[str, torch.Tensor]) -> None:
+    bad = non_finite_tensors(state_dict)
+    if bad:
+        raise ValueError(f"{len(bad)} tensors of the checkpoint hold NaN or Inf values: {', '.join(bad)}")
 
 
 def _shape(shapes: Mapping[str, Sequence[int]], key: str) -> tuple[int, ...]:
@@ -164,31 +204,46 @@ def _count_numbered(shapes: Mapping[str, Sequence[int]], prefix: str) -> int:
     return max(numbers) + 1
 
 
-def _head_count(width: int, what: str) -> int:
-    if width % ORIGINAL_HEAD_DIM:
-        raise ValueError(
-            f"cannot infer the attention heads of the {what}: its width {width} is not a multiple of "
-            f"{ORIGINAL_HEAD_DIM}, the head size of every released BLIP; {_GIVE_CONFIG}"
-        )
-    return width // ORIGINAL_HEAD_DIM
+def _head_count(width: int, heads: int | None, argument: str) -> int:
+    """The attention heads of a model `width` wide: `heads` when given (the `argument` that gives them), else one per
+    64 channels, as in every released BLIP."""
+    how_to_give = f"pass the head count ({argument}=, or --{argument} on the command line) or {_GIVE_CONFIG}"
+    if heads is None:
+        if width % ORIGINAL_HEAD_DIM:
+            raise ValueError(
+                f"cannot infer {argument}: the width {width} is not a multiple of {ORIGINAL_HEAD_DIM}, the head size "
+                f"of every released BLIP; {how_to_give}"
+            )
+        return width // ORIGINAL_HEAD_DIM
+    if heads <= 0 or width % heads:
+        raise ValueError(f"{argument}={heads} does not divide the width {width} into equal heads; {how_to_give}")
+    return heads
 
 
-def _grid_side(num_patches: int) -> int | None:
-    side = math.isqrt(num_patches)
-    return side if side * side == num_patches else None
+def _is_square_grid(num_patches: int) -> bool:
+    try:
+        square_grid_side(num_patches)
+    except ValueError:
+        return False
+    return True
 
 
-def _infer_vision_config(shapes: Mapping[str, Sequence[int]], image_size: int | None) -> BlipVisionConfig:
+def _infer_vision_config(
+    shapes: Mapping[str, Sequence[int]], image_size: int | None, num_attention_heads: int | None
+) -> BlipVisionConfig:
     width = _shape(shapes, "visual_encoder.cls_token")[-1]
     patch_size = _shape(shapes, "visual_encoder.patch_embed.proj.weight")[-1]
-    grid_side = _grid_side(_shape(shapes, "visual_encoder.pos_embed")[1] - 1)
-    if grid_side is None:
-        raise ValueError(f"cannot infer the image size: visual_encoder.pos_embed is not a square grid; {_GIVE_CONFIG}")
+    try:
+        grid_side = square_grid_side(_shape(shapes, "visual_encoder.pos_embed")[1] - 1)
+    except ValueError as error:
+        raise ValueError(
+            f"cannot infer the image size from visual_encoder.pos_embed: {error}; {_GIVE_CONFIG}"
+        ) from error
     return BlipVisionConfig(
         hidden_size=width,
         intermediate_size=_shape(shapes, "visual_encoder.blocks.0.mlp.fc1.weight")[0],
         num_hidden_layers=_count_numbered(shapes, "visual_encoder.blocks"),
-        num_attention_heads=_head_count(width, "ViT"),
+        num_attention_heads=_head_count(width, num_attention_heads, "vision_num_attention_heads"),
         image_size=image_size or grid_side * patch_size,
         patch_size=patch_size,
         layer_norm_eps=ORIGINAL_VIT_LAYER_NORM_EPS,
@@ -196,7 +251,7 @@ def _infer_vision_config(shapes: Mapping[str, Sequence[int]], image_size: int | 
     )
 
 
-def _infer_text_config(shapes: Mapping[str, Sequence[int]]) -> BlipTextConfig:
+def _infer_text_config(shapes: Mapping[str, Sequence[int]], num_attention_heads: int | None) -> BlipTextConfig:
     # Captioning checkpoints have only the decoder; the others have the encoder (same shapes where both exist).
     prefix = "text_encoder." if "text_encoder.embeddings.word_embeddings.weight" in shapes else "text_decoder.bert."
     vocab_size, width = _shape(shapes, prefix + "embeddings.word_embeddings.weight")
@@ -205,19 +260,25 @@ def _infer_text_config(shapes: Mapping[str, Sequence[int]]) -> BlipTextConfig:
         hidden_size=width,
         intermediate_size=_shape(shapes, prefix + "encoder.layer.0.intermediate.dense.weight")[0],
         num_hidden_layers=_count_numbered(shapes, prefix + "encoder.layer"),
-        num_attention_heads=_head_count(width, "text model"),
+        num_attention_heads=_head_count(width, num_attention_heads, "text_num_attention_heads"),
         max_position_embeddings=_shape(shapes, prefix + "embeddings.position_embeddings.weight")[0],
         **ORIGINAL_TEXT_SETTINGS,
     )
 
 
-def infer_config(shapes: Mapping[str, Sequence[int]], image_size: int | None = None) -> BlipConfig:
+def infer_config(
+    shapes: Mapping[str, Sequence[int]],
+    image_size: int | None = None,
+    text_num_attention_heads: int | None = None,
+    vision_num_attention_heads: int | None = None,
+) -> BlipConfig:
     """The config of an original checkpoint from its tensor shapes (original names).
 
     Widths, depths, vocabulary, position counts and the image size come from the shapes; attention heads from the
-    width (64 per head, as in every released BLIP); the rest are the original's settings: LayerNorm eps 1e-6 in the
-    ViT (stochastic depth 0.1 for ViT-L), BERT-base's eps and dropouts and label smoothing 0.1 in the text model.
-    `image_size` asks for another input size than the checkpoint's (its position embeddings are then resized).
+    width (64 per head, as in every released BLIP) unless `text_num_attention_heads` / `vision_num_attention_heads`
+    give them; the rest are the original's settings: LayerNorm eps 1e-6 in the ViT (stochastic depth 0.1 for ViT-L),
+    BERT-base's eps and dropouts and label smoothing 0.1 in the text model. `image_size` asks for another input size
+    than the checkpoint's (its position embeddings are then resized).
     """
     kwargs = {}
     if "vision_proj.weight" in shapes:
@@ -232,7 +293,9 @@ def infer_config(shapes: Mapping[str, Sequence[int]], image_size: int | None = N
     if merged_layers:  # an NLVR2 checkpoint: its first layer that concatenates the two images' attention outputs
         kwargs["nlvr_merge_from_layer"] = min(merged_layers)
     return BlipConfig(
-        text_config=_infer_text_config(shapes), vision_config=_infer_vision_config(shapes, image_size), **kwargs
+        text_config=_infer_text_config(shapes, text_num_attention_heads),
+        vision_config=_infer_vision_config(shapes, image_size, vision_num_attention_heads),
+        **kwargs,
     )
 
 
@@ -277,8 +340,8 @@ def _resizable(old_shape: tuple[int, ...], new_shape: tuple[int, ...]) -> bool:
         len(old_shape) == len(new_shape) == 3
         and old_shape[0] == new_shape[0] == 1
         and old_shape[2] == new_shape[2]
-        and _grid_side(old_shape[1] - 1) is not None
-        and _grid_side(new_shape[1] - 1) is not None
+        and _is_square_grid(old_shape[1] - 1)
+        and _is_square_grid(new_shape[1] - 1)
     )
 
 
@@ -324,13 +387,23 @@ def plan_conversion(
     for our_key in model_shapes:
         if our_key in plan.sources or our_key in tied:
             continue  # a tied tensor is filled, or missing, with the one it is tied to
-        if our_key in DEFAULTED:
-            report.defaulted[our_key] = DEFAULTED[our_key]
-        elif variant != "nlvr" and NEW_IN_NLVR_HEAD.search(our_key):
-            report.defaulted[our_key] = NEW_IN_NLVR_HEAD_REASON
+        reason = _default_reason(our_key, variant)
+        if reason is not None:
+            report.defaulted[our_key] = reason
         else:
             report.missing.append(our_key)
     return plan
+
+
+def _default_reason(our_key: str, variant: str) -> str | None:
+    """Where a tensor that a checkpoint of `variant` does not store gets its value, or None when it should have."""
+    if our_key in DEFAULTED:
+        return DEFAULTED[our_key]
+    if variant != "nlvr" and NEW_IN_NLVR_HEAD.search(our_key):
+        return NEW_IN_NLVR_HEAD_REASON
+    if variant == "features":
+        return NOT_IN_FEATURE_EXTRACTOR.get(top_module(our_key))
+    return None
 
 
 def _plan_tensor(
@@ -367,33 +440,19 @@ def _plan_tensor(
 # ---- Loading -------------------------------------------------------------------------------------------------------
 
 
-def resize_position_embedding(position_embedding: torch.Tensor, grid_side: int) -> torch.Tensor:
-    """`(1, 1 + s*s, D)` ViT position embeddings laid out for a `grid_side` x `grid_side` patch grid.
-
-    Runs our ViT's own runtime interpolation (bicubic on the patch grid, `[CLS]` kept), so that a checkpoint resized
-    here computes exactly what the unresized one computes on images of the new size.
-    """
-    source_side = _grid_side(position_embedding.shape[1] - 1)
-    # A stand-in embeddings module on the meta device: only its position table is real, the only thing the
-    # interpolation reads.
-    stand_in_config = BlipVisionConfig(
-        hidden_size=position_embedding.shape[-1], num_attention_heads=1, image_size=source_side, patch_size=1
-    )
-    with torch.device("meta"):
-        embeddings = BlipVisionEmbeddings(stand_in_config)
-    embeddings.position_embedding = nn.Parameter(position_embedding, requires_grad=False)
-    with torch.no_grad():
-        return embeddings.position_embedding_for(grid_side, grid_side).clone()
-
-
+@torch.no_grad()
 def _our_state_dict(state_dict: Mapping[str, torch.Tensor], plan: ConversionPlan) -> dict[str, torch.Tensor]:
+    """The planned tensors under our names, each in storage of its own. One original tensor may fill several of ours
+    (the NLVR2 head's two attentions, VQA's question encoder and answer decoder from a pretraining checkpoint whose
+    decoder shares the encoder's tensors): shared storage would make `save_pretrained` refuse them and tie them in
+    fine-tuning. Copies also keep the model apart from a state dict the caller still holds."""
     converted = {}
     for our_key, original_key in plan.sources.items():
         tensor = state_dict[original_key]
         if our_key in plan.report.resized:
-            new_shape = plan.report.resized[our_key][1]
-            tensor = resize_position_embedding(tensor, _grid_side(new_shape[1] - 1))
-        converted[our_key] = tensor
+            grid_side = square_grid_side(plan.report.resized[our_key][1][1] - 1)
+            tensor = interpolate_position_embedding(tensor, grid_side, grid_side)
+        converted[our_key] = tensor.detach().clone()
     return converted
 
 
@@ -428,9 +487,15 @@ def log_report(report: ConversionReport) -> None:
         )
 
 
-def _config_for(shapes: Mapping[str, Sequence[int]], config: BlipConfig | None, image_size: int | None) -> BlipConfig:
+def _config_for(
+    shapes: Mapping[str, Sequence[int]],
+    config: BlipConfig | None,
+    image_size: int | None,
+    text_num_attention_heads: int | None,
+    vision_num_attention_heads: int | None,
+) -> BlipConfig:
     if config is None:
-        return infer_config(shapes, image_size)
+        return infer_config(shapes, image_size, text_num_attention_heads, vision_num_attention_heads)
     if image_size is not None and image_size != config.vision_config.image_size:
         config = copy.deepcopy(config)
         config.vision_config.image_size = image_size
@@ -442,6 +507,8 @@ def load_original_checkpoint(
     head: str | type[BlipPreTrainedModel] = "auto",
     image_size: int | None = None,
     config: BlipConfig | None = None,
+    text_num_attention_heads: int | None = None,
+    vision_num_attention_heads: int | None = None,
 ) -> tuple[BlipPreTrainedModel, ConversionReport]:
     r"""
     Loads an original Salesforce BLIP checkpoint into one of our heads, reporting what happened to every tensor.
@@ -454,23 +521,49 @@ def load_original_checkpoint(
         image_size: input size of the model; the ViT position embeddings are resized bicubically when it differs
             from the checkpoint's, as the original fine-tuning does (224 -> 384 -> 480).
         config: the model's config; by default inferred from the tensor shapes (`infer_config`).
+        text_num_attention_heads, vision_num_attention_heads: the head counts, when the config is inferred and a
+            model's heads are not 64 wide (every released BLIP's are).
 
     Returns:
-        `(model, report)`: the head in eval mode and a [`ConversionReport`].
+        `(model, report)`: the head in eval mode (its tensors its own, not the checkpoint's) and a
+        [`ConversionReport`].
+
+    Raises:
+        ValueError: the checkpoint cannot be read, is of no known kind, holds NaN or Inf, or its config cannot be
+            inferred.
     """
     state_dict = read_original_state_dict(checkpoint)
+    _check_finite(state_dict)
     variant = detect_variant(state_dict)
     head_class = resolve_head(head, variant)
     shapes = {key: tuple(tensor.shape) for key, tensor in state_dict.items()}
-    config = _config_for(shapes, config, image_size)
+    config = _config_for(shapes, config, image_size, text_num_attention_heads, vision_num_attention_heads)
 
     with torch.device("meta"):
         skeleton = head_class(config)
     plan = plan_conversion(shapes, skeleton, variant)
     _check_tied_duplicates(state_dict, plan, skeleton.all_tied_weights_keys)
-    model = head_class.from_pretrained(None, config=config, state_dict=_our_state_dict(state_dict, plan))
+    with _without_transformers_load_report():
+        model = head_class.from_pretrained(None, config=config, state_dict=_our_state_dict(state_dict, plan))
     log_report(plan.report)
     return model.eval(), plan.report
+
+
+@contextlib.contextmanager
+def _without_transformers_load_report():
+    """transformers' own load report would list the tensors the plan already accounts for (defaults, new NLVR2
+    modules) as missing; `log_report` says what happened to each one instead. A filter, not a level: transformers
+    reads the level of this logger to decide on other checks."""
+    loading_logger = logging.get_logger("transformers.modeling_utils")
+
+    def errors_only(record) -> bool:
+        return record.levelno >= logging.ERROR
+
+    loading_logger.addFilter(errors_only)
+    try:
+        yield
+    finally:
+        loading_logger.removeFilter(errors_only)
 
 
 # ---- Exporting -----------------------------------------------------------------------------------------------------
@@ -501,8 +594,8 @@ __all__ = [
     "log_report",
     "original_state_dict",
     "plan_conversion",
+    "non_finite_tensors",
     "read_original_state_dict",
-    "resize_position_embedding",
     "resolve_head",
     "save_original_checkpoint",
 ]

@@ -11,11 +11,18 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-# Top-level ViT modules: original -> ours. `_m` is the momentum copy of the pretraining and retrieval models.
+from ..modeling_pretraining import MOMENTUM_PAIRS, QUEUE_BUFFERS, momentum_name
+
+# Top-level ViT modules: original -> ours, and their momentum copies of the pretraining and retrieval models.
 VISION_MODULE_RENAMES = (
     ("visual_encoder", "vision_model"),
-    ("visual_encoder_m", "vision_model_m"),
+    (momentum_name("visual_encoder"), momentum_name("vision_model")),
 )
+# Tensors the original models name otherwise than the others do: original -> ours. The retrieval model calls the
+# queue pointer `ptr_queue`; pretraining (and we) `queue_ptr`. Exports use our name, which the original reads too.
+ORIGINAL_ALIASES = {"ptr_queue": "queue_ptr"}
+_MODULE_TO_OURS = dict(VISION_MODULE_RENAMES)
+_MODULE_TO_ORIGINAL = {ours: original for original, ours in VISION_MODULE_RENAMES}
 
 # Inside a ViT: (original, ours). `{n}` is a block number. A rule ending in "." renames a module (its tensors follow
 # it); any other rule renames one tensor.
@@ -41,23 +48,20 @@ ORIGINAL_MODULES = {
     "itm_head": "the ITM classifier",
     "cls_head": "the NLVR2 classifier",
     "temp": "the ITC temperature",
-    "visual_encoder_m": "a momentum copy, used only to train ITC",
-    "text_encoder_m": "a momentum copy, used only to train ITC",
-    "vision_proj_m": "a momentum copy, used only to train ITC",
-    "text_proj_m": "a momentum copy, used only to train ITC",
-    "image_queue": "an ITC feature queue (training state)",
-    "text_queue": "an ITC feature queue (training state)",
-    "idx_queue": "the image-id queue of retrieval training (training state)",
-    "queue_ptr": "the queue write pointer (training state)",
-    "ptr_queue": "the queue write pointer (training state)",
 }
+ORIGINAL_MODULES |= {
+    momentum_name(_MODULE_TO_ORIGINAL.get(online, online)): "a momentum copy, used only to train ITC"
+    for online, _ in MOMENTUM_PAIRS
+}
+ORIGINAL_MODULES |= QUEUE_BUFFERS
+ORIGINAL_MODULES |= {alias: QUEUE_BUFFERS[ours] for alias, ours in ORIGINAL_ALIASES.items()}
 
 # Original tensors inside modules our heads do have, where ours have no place for them by design:
 # (pattern on the original name, why).
 UNUSED_TENSORS = (
     (r"(^|\.)embeddings\.position_ids$", "BERT's position-id buffer: our text model numbers positions on the fly"),
     (
-        r"^text_encoder_m\.encoder\.layer\.\d+\.crossattention\.",
+        rf"^{momentum_name('text_encoder')}\.encoder\.layer\.\d+\.crossattention\.",
         "the momentum text encoder only encodes text, so its cross-attention is never used",
     ),
 )
@@ -68,6 +72,14 @@ DEFAULTED = {
     "idx_queue": "not stored by this variant (pretraining keeps no image ids): filled with the no-id marker",
 }
 
+# Modules of our feature model that the original feature extractor (`BLIP_Base`: the ViT and the text encoder) does
+# not have, and where their values come from when a `features` checkpoint lacks them.
+NOT_IN_FEATURE_EXTRACTOR = {
+    "vision_proj": "not in a feature-extractor checkpoint: randomly initialised (ITC features need training)",
+    "text_proj": "not in a feature-extractor checkpoint: randomly initialised (ITC features need training)",
+    "temp": "not in a feature-extractor checkpoint: config.itc_temperature",
+}
+
 # Top-level modules that only NLVR2 checkpoints have (their classifier).
 NLVR_MODULES = {"cls_head"}
 
@@ -75,6 +87,7 @@ NLVR_MODULES = {"cls_head"}
 # (`model_base.pth`, `model_large.pth`, `model_base_capfilt_large.pth`) serve every head, so the caller chooses.
 DEFAULT_HEAD_OF_VARIANT = {
     "captioning": "captioning",
+    "features": "features",
     "itm": "retrieval",
     "retrieval": "retrieval",
     "vqa": "vqa",
@@ -98,8 +111,6 @@ def _rename_inside(name: str, rules: Iterable[tuple[re.Pattern, str]]) -> str:
 
 _VIT_TO_OURS = [(_compile(original), ours) for original, ours in VIT_RENAMES]
 _VIT_TO_ORIGINAL = [(_compile(ours), original) for original, ours in VIT_RENAMES]
-_MODULE_TO_OURS = dict(VISION_MODULE_RENAMES)
-_MODULE_TO_ORIGINAL = {ours: original for original, ours in VISION_MODULE_RENAMES}
 
 
 def _rename(key: str, modules: dict[str, str], inner_rules: list[tuple[re.Pattern, str]]) -> str:
@@ -111,12 +122,14 @@ def _rename(key: str, modules: dict[str, str], inner_rules: list[tuple[re.Patter
 
 def to_ours(original_key: str) -> str:
     """The name of an original checkpoint tensor in our layout (`visual_encoder.norm.weight` ->
-    `vision_model.post_layernorm.weight`)."""
+    `vision_model.post_layernorm.weight`, `ptr_queue` -> `queue_ptr`)."""
+    if original_key in ORIGINAL_ALIASES:
+        return ORIGINAL_ALIASES[original_key]
     return _rename(original_key, _MODULE_TO_OURS, _VIT_TO_OURS)
 
 
 def to_original(our_key: str) -> str:
-    """The inverse of `to_ours`."""
+    """The inverse of `to_ours`, aliases aside (they export under our name, `queue_ptr`)."""
     return _rename(our_key, _MODULE_TO_ORIGINAL, _VIT_TO_ORIGINAL)
 
 
@@ -133,7 +146,8 @@ def unused_tensor_reason(original_key: str) -> str | None:
 
 
 def detect_variant(original_keys: Iterable[str]) -> str:
-    """Which original model wrote a state dict: `pretraining`, `captioning`, `retrieval`, `itm`, `vqa` or `nlvr`."""
+    """Which original model wrote a state dict: `pretraining`, `captioning`, `retrieval`, `itm`, `vqa`, `nlvr` or
+    `features` (the feature extractor `BLIP_Base`: the ViT and the text encoder)."""
     modules = {top_module(key) for key in original_keys}
     if modules & NLVR_MODULES:
         return "nlvr"
@@ -146,15 +160,20 @@ def detect_variant(original_keys: Iterable[str]) -> str:
         return "captioning"
     if has_encoder and "itm_head" in modules:
         return "retrieval" if "image_queue" in modules else "itm"
+    if has_encoder and "visual_encoder" in modules:
+        return "features"
     raise ValueError(
         "not a BLIP checkpoint of a known kind: expected `visual_encoder.*` with `text_decoder.*` (captioning), "
-        f"`text_encoder.*` + `itm_head.*` (retrieval/ITM) or both (VQA, pretraining); found modules {sorted(modules)}"
+        "`text_encoder.*` + `itm_head.*` (retrieval/ITM), both (VQA, pretraining) or `text_encoder.*` alone "
+        f"(feature extractor); found modules {sorted(modules)}"
     )
 
 
 __all__ = [
     "DEFAULTED",
     "DEFAULT_HEAD_OF_VARIANT",
+    "NOT_IN_FEATURE_EXTRACTOR",
+    "ORIGINAL_ALIASES",
     "ORIGINAL_MODULES",
     "VISION_MODULE_RENAMES",
     "UNUSED_TENSORS",
