@@ -8,15 +8,20 @@
         --noise_rate 0.6 --export_dir outputs/synthetic96_files --export_formats coco_karpathy parquet webdataset
 
 Load it back with `datasets.load_from_disk(output_dir)`; docs/data.md describes the splits and columns.
+
+Both directories appear whole when their writing is done (docs/guarantees.md): a non-empty `--output_dir` or
+`--export_dir` is refused unless `--overwrite`, which replaces it.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
+from transformers_blip.atomic_writes import atomic_directory, is_empty_or_absent
 from transformers_blip.benchmark import EXPORT_FORMATS, build_synthetic_benchmark, export_benchmark, save_sample_grid
 
 
@@ -38,10 +43,25 @@ class BenchmarkArguments:
         default_factory=lambda: list(EXPORT_FORMATS), metadata={"help": f"Formats to export: {EXPORT_FORMATS}."}
     )
     sample_grid: str | None = field(default=None, metadata={"help": "Also save a PNG grid of samples here."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace a non-empty output_dir or export_dir (refused otherwise)."}
+    )
+
+
+@contextmanager
+def _clear_errors():
+    """Turn a refused or failed write into a one-line error and a non-zero exit."""
+    try:
+        yield
+    except (FileExistsError, NotADirectoryError) as error:
+        raise SystemExit(f"error: {error}") from error
 
 
 def main() -> None:
     (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses()
+    for directory in (args.output_dir, args.export_dir):  # refuse before minutes of work, not after
+        if directory and not args.overwrite and not is_empty_or_absent(directory):
+            raise SystemExit(f"error: {directory} is not empty; pass --overwrite to replace it")
     start = time.perf_counter()
     benchmark = build_synthetic_benchmark(
         seed=args.seed,
@@ -58,10 +78,12 @@ def main() -> None:
     print(f"Generated in {time.perf_counter() - start:.1f} s:")
     for name, split in benchmark.items():
         print(f"  {name:<11} {len(split):>6} rows  {', '.join(split.column_names)}")
-    benchmark.save_to_disk(args.output_dir)
+    with _clear_errors(), atomic_directory(args.output_dir, overwrite=args.overwrite) as staging:
+        benchmark.save_to_disk(str(staging))
     print(f"Saved to {args.output_dir}")
     if args.export_dir:
-        written = export_benchmark(benchmark, args.export_dir, args.export_formats)
+        with _clear_errors():
+            written = export_benchmark(benchmark, args.export_dir, args.export_formats, overwrite=args.overwrite)
         for name, paths in written.items():
             print(f"  exported {name}: {len(paths)} files under {args.export_dir}")
     if args.sample_grid:

@@ -13,6 +13,11 @@ Layout under the output directory:
 
 Images are written as stored (the benchmark's PNG bytes), never re-encoded, so a loader gives back the very same
 pixels.
+
+`export_benchmark` writes the whole tree into a hidden temporary directory beside the output directory and renames
+it into place when every format is written: a reader never sees one run's captions beside another's images, nor
+the shards of an older, larger export. A non-empty output directory is refused unless `overwrite`, which replaces
+it whole.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict
 from datasets import Image as ImageFeature
 
+from ..atomic_writes import atomic_directory, atomic_file
 from ..data.loaders import vqa_answer_list
 from ..data.pairs import flatten_captions
 
@@ -145,24 +151,35 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _shards(samples: Iterator[tuple[str, bytes, str, dict]], shard_size: int) -> Iterator[list[tuple]]:
+    """`samples` in lists of `shard_size` (the last one shorter)."""
+    shard = []
+    for sample in samples:
+        shard.append(sample)
+        if len(shard) == shard_size:
+            yield shard
+            shard = []
+    if shard:
+        yield shard
+
+
 def write_webdataset_shards(
     samples: Iterator[tuple[str, bytes, str, dict]], directory: Path, prefix: str, shard_size: int
 ) -> list[Path]:
-    """Write (key, png bytes, caption, metadata) samples into tar shards of `shard_size` samples."""
+    """Write (key, png bytes, caption, metadata) samples into tar shards of `shard_size` samples.
+
+    Each shard is written under a temporary name and renamed when complete, so a `*.tar` glob never reads half of
+    one.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
-    tar = None
-    for index, (key, image_bytes, caption, metadata) in enumerate(samples):
-        if index % shard_size == 0:
-            if tar is not None:
-                tar.close()
-            paths.append(directory / f"{prefix}-{len(paths):05d}.tar")
-            tar = tarfile.open(paths[-1], "w")
-        _add_member(tar, f"{key}.png", image_bytes)
-        _add_member(tar, f"{key}.txt", caption.encode("utf-8"))
-        _add_member(tar, f"{key}.json", json.dumps(metadata).encode("utf-8"))
-    if tar is not None:
-        tar.close()
+    for shard in _shards(samples, shard_size):
+        paths.append(directory / f"{prefix}-{len(paths):05d}.tar")
+        with atomic_file(paths[-1]) as handle, tarfile.open(fileobj=handle, mode="w") as tar:
+            for key, image_bytes, caption, metadata in shard:
+                _add_member(tar, f"{key}.png", image_bytes)
+                _add_member(tar, f"{key}.txt", caption.encode("utf-8"))
+                _add_member(tar, f"{key}.json", json.dumps(metadata).encode("utf-8"))
     return paths
 
 
@@ -225,17 +242,8 @@ def export_nlvr(benchmark: DatasetDict, output_dir: Path) -> list[Path]:
     return paths
 
 
-def export_benchmark(
-    benchmark: DatasetDict,
-    output_dir: str | os.PathLike,
-    formats: Sequence[str] = EXPORT_FORMATS,
-    shard_size: int = 1000,
-) -> dict[str, list[Path]]:
-    """Write the benchmark in each of `formats` (see the module docstring); returns the files written per format."""
-    unknown = set(formats) - set(EXPORT_FORMATS)
-    if unknown:
-        raise ValueError(f"unknown formats {sorted(unknown)}; choose from {EXPORT_FORMATS}")
-    output_dir = Path(output_dir)
+def _write_formats(benchmark: DatasetDict, output_dir: Path, formats: Sequence[str], shard_size: int):
+    """Write each of `formats` under `output_dir`; returns the files written per format."""
     if {"coco_karpathy", "pretrain_json"} & set(formats):
         for split in _CAPTION_SPLITS:
             _write_images(benchmark[split], output_dir / "images")
@@ -249,3 +257,25 @@ def export_benchmark(
         "nlvr": lambda: export_nlvr(benchmark, output_dir),
     }
     return {name: writers[name]() for name in formats}
+
+
+def export_benchmark(
+    benchmark: DatasetDict,
+    output_dir: str | os.PathLike,
+    formats: Sequence[str] = EXPORT_FORMATS,
+    shard_size: int = 1000,
+    overwrite: bool = False,
+) -> dict[str, list[Path]]:
+    """Write the benchmark in each of `formats` (see the module docstring); returns the files written per format.
+
+    The output appears whole when the export is done (see the module docstring). Raises `FileExistsError` when
+    `output_dir` is not empty, before any work or, if another export finished first, at the end; `overwrite`
+    replaces it.
+    """
+    unknown = set(formats) - set(EXPORT_FORMATS)
+    if unknown:
+        raise ValueError(f"unknown formats {sorted(unknown)}; choose from {EXPORT_FORMATS}")
+    output_dir = Path(output_dir)
+    with atomic_directory(output_dir, overwrite=overwrite) as staging:
+        written = _write_formats(benchmark, staging, formats, shard_size)
+    return {name: [output_dir / path.relative_to(staging) for path in paths] for name, paths in written.items()}
