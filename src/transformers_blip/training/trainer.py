@@ -10,6 +10,7 @@ from datasets import Dataset, IterableDataset
 from transformers import Trainer, TrainingArguments
 
 from .callbacks import MomentumUpdateCallback, unwrap_model
+from .checkpoints import VerifiedCheckpointsMixin
 
 LOGGED_LOSSES = ("loss_itc", "loss_itm", "loss_lm")
 
@@ -36,8 +37,11 @@ def optimizer_steps_per_epoch(dataset: Dataset | IterableDataset, args: Training
     return max(math.ceil(len(dataset) / samples_per_step), 1)
 
 
-class BlipPreTrainingTrainer(Trainer):
+class BlipPreTrainingTrainer(VerifiedCheckpointsMixin, Trainer):
     """`Trainer` for [`BlipForPreTraining`]: adds the momentum callback and logs each loss, alpha and temperature.
+
+    Its checkpoints are atomic and sealed, and a resume verifies them first (`VerifiedCheckpointsMixin`);
+    `resume_from_checkpoint=True` picks the newest complete one.
 
     The logged `loss_itc`, `loss_itm` and `loss_lm` are means over the micro-batches since the last log and over all
     ranks, like Trainer's own `loss`.
