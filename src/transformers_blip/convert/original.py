@@ -9,7 +9,9 @@ from the tensor shapes (unless one is given), builds the head, renames the tenso
 in a [`ConversionReport`]: loaded, resized (ViT position embeddings for another image size), dropped as expected
 (momentum copies, queues, position ids, tensors tied to one already loaded, modules the head does not have), dropped
 unexpectedly (unknown names, shapes that differ) and missing. The original loader drops shape-mismatched tensors
-silently; here each drop is logged (expected ones at info level, the rest as warnings) and returned.
+silently; here each drop is logged (expected ones at info level, the rest as warnings) and returned. The head's
+tensors are copies of their own, never views of the checkpoint's or of each other. `task_head_from_pretraining`
+(`convert.pretraining`) runs our pretraining models through the same engine, so every conversion reports alike.
 """
 
 from __future__ import annotations
