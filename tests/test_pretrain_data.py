@@ -79,6 +79,22 @@ def test_broken_webdataset_shards_reach_the_runs_report(tmp_path):
     assert [(entry.source, entry.reason) for entry in report.unreadable_files] == [(str(broken), "broken_shard")]
 
 
+def test_a_pass_over_a_stream_for_the_vocabulary_counts_nothing(tmp_path):
+    """The script builds its vocabulary from the training captions: for a stream that pass is not an epoch."""
+    broken = tmp_path / "broken-00000.tar"
+    broken.write_bytes(b"not a tar archive" * 50)
+    report = SkipReport(tmp_path / "skipped")
+    stream, _ = load_pretraining_pairs("webdataset", [str(broken)], report=report)
+    with report.not_counting():
+        assert list(stream["caption"]) == []
+    assert len(report) == 0
+    list(stream)
+    assert [entry.reason for entry in report.unreadable_files] == ["broken_shard"]
+    strict = SkipReport(tmp_path / "strict", strict=True)
+    with strict.not_counting(), pytest.raises(BadSampleError, match="broken_shard"):
+        list(load_pretraining_pairs("webdataset", [str(broken)], report=strict)[0])
+
+
 def test_an_empty_training_set_is_refused_naming_its_inputs(tmp_path):
     _, broken = write_pairs(tmp_path / "data")
     empty = tmp_path / "data" / "empty.json"

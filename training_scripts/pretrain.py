@@ -136,7 +136,8 @@ def main() -> None:
         if model_args.vocab_file:
             tokenizer = build_tokenizer(vocab_file=model_args.vocab_file)
         else:
-            tokenizer = build_tokenizer(corpus=train_dataset["caption"], vocab_size=model_args.vocab_size)
+            with skip_report.not_counting():  # a pass over the captions for the vocabulary is not an epoch
+                tokenizer = build_tokenizer(corpus=train_dataset["caption"], vocab_size=model_args.vocab_size)
         steps_per_epoch = optimizer_steps_per_epoch(train_dataset, training_args)
         config = pretraining_config(
             model_args.model_size,

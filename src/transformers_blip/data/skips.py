@@ -20,6 +20,8 @@ import os
 import socket
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -98,11 +100,14 @@ class SkipReport:
         self.log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="blip-skipped-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._messages_left = _MESSAGES_PER_PROCESS
+        self._counting = True
 
     def record(self, error: BadSampleError) -> None:
         """Skip the sample `error` describes (or raise the error in strict mode)."""
         if self.strict:
             raise error
+        if not self._counting:
+            return
         entry = SkippedSample(error.source, error.reason or "unknown", error.detail, isinstance(error, BadFileError))
         # One short append per sample, flushed on close: the line survives even if the worker is killed next.
         with open(self._process_log(), "a", encoding="utf-8") as log:
@@ -119,6 +124,16 @@ class SkipReport:
     def _process_log(self) -> Path:
         # The host name keeps two ranks with the same pid on different nodes apart.
         return self.log_dir / f"proc-{socket.gethostname()}-{os.getpid()}.jsonl"
+
+    @contextmanager
+    def not_counting(self) -> Iterator[SkipReport]:
+        """Record nothing in this process inside the block (strict mode still raises): for a read that is not a pass
+        of the run, such as building a vocabulary from the captions, or a process reading files another counts."""
+        self._counting = False
+        try:
+            yield self
+        finally:
+            self._counting = True
 
     def part(self, name: str) -> SkipReport:
         """A report that writes to the subdirectory `name` and is counted with this one (its `clear()` clears only

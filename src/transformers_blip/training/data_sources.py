@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -82,12 +81,12 @@ def load_pretraining_pairs(
     report = report if report is not None else SkipReport()
     if source == "webdataset":  # read as it streams, each shard by one process: every process counts its own
         return load_webdataset(files, report=report), None
-    if count_load_skips:
-        load_report = report.part("loading")
-        load_report.clear()
-        return _read_files(source, files, image_root, load_report), None
-    with tempfile.TemporaryDirectory(prefix="blip-uncounted-") as scratch:
-        return _read_files(source, files, image_root, SkipReport(scratch, strict=report.strict)), None
+    load_report = report.part("loading")
+    if not count_load_skips:
+        with load_report.not_counting():
+            return _read_files(source, files, image_root, load_report), None
+    load_report.clear()
+    return _read_files(source, files, image_root, load_report), None
 
 
 def _read_files(source: str, files: Sequence[str], image_root: str | None, report: SkipReport) -> Dataset:
