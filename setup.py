@@ -36,5 +36,6 @@ setup(
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require=extras_require,
+    entry_points={"console_scripts": ["blip = transformers_blip.cli:main"]},
     license="BSD-3-Clause",
 )
