@@ -101,6 +101,20 @@ def test_training_transforms_convert_undecoded_images_as_the_decoder_does(mode):
     np.testing.assert_array_equal(from_raw, np.asarray(train(decoded)))
 
 
+def test_a_transparent_key_colour_is_white(processor, tmp_path):
+    """PNG's tRNS: RGB and grey images (8 or 16 bits) with one colour marked transparent."""
+    rgb = PIL.Image.new("RGB", SIZE, RED)
+    rgb.paste((0, 0, 255), (0, 0, 6, 10))  # blue, the transparent colour, on the left
+    grey = PIL.Image.fromarray(np.where(np.arange(SIZE[0]) < 6, 1000, 30000).astype(np.uint16)[None].repeat(10, 0))
+    for image, key, right in ((rgb, (0, 0, 255), RED), (rgb.convert("L"), 29, (76, 76, 76)), (grey, 1000, GREY_30000)):
+        path = tmp_path / f"key_{image.mode.replace(';', '_')}.png"
+        image.save(path, transparency=key)
+        decoded = load_image(path)
+        pixels = np.asarray(decoded)
+        assert tuple(pixels[0, 0]) == WHITE and tuple(pixels[0, -1]) == right, image.mode
+        np.testing.assert_array_equal(pixel_values(processor, str(path)), pixel_values(processor, decoded))
+
+
 def test_processor_refuses_a_bomb_before_decoding_it(processor, tmp_path):
     # Just over the limit: PIL only warns about it when opening, and decoding would need about 270 MB.
     side = int(DEFAULT_MAX_PIXELS**0.5) + 1

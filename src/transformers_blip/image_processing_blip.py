@@ -97,7 +97,7 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     PIL's own `convert("RGB")` clips 16-bit and float values to 0..255, which turns most 16-bit photographs white and
     float images black, and drops transparency, which shows the hidden colour of transparent pixels.
     """
-    if image.mode == "RGB":
+    if image.mode == "RGB" and "transparency" not in image.info:
         return image
     if image.mode in PREMULTIPLIED_MODES:
         image = image.convert(PREMULTIPLIED_MODES[image.mode])
