@@ -230,8 +230,10 @@ def test_stable_ids():
 
 
 def test_vqa_question_ids_stay_the_numbers_the_evaluation_server_expects(tmp_path):
-    records = [{"image": "a.png", "question": "What?", "answer": ["x"], "question_id": qid} for qid in (262148000, 9)]
-    assert load_vqa(write_json(tmp_path / "vqa.json", records), "/coco")["question_id"] == [262148000, 9]
+    ids = (262148000, 9, None, None)  # questions without an id get one from their place in the file
+    records = [{"image": "a.png", "question": "What?", "answer": ["x"], "question_id": qid} for qid in ids]
+    loaded = load_vqa(write_json(tmp_path / "vqa.json", records), "/coco")["question_id"]
+    assert loaded[:2] == [262148000, 9] and len(set(loaded)) == 4
 
 
 def test_the_collator_maps_string_image_ids_to_distinct_numbers():

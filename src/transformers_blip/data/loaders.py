@@ -73,7 +73,7 @@ def _applied(
     return results
 
 
-RowMaker = Callable[[Any, str], dict]
+RowMaker = Callable[[dict, str], dict]  # a record (always a JSON object) and its source -> a row
 # Given the rows of one file, the check each of them must pass: a rule that holds across a file.
 FileRule = Callable[[list[dict]], Callable[[dict, str], dict]]
 
@@ -158,7 +158,7 @@ def load_coco_karpathy(
     """
     report = _report_or_default(report)
 
-    def make_row(record: Any, source: str) -> dict:
+    def make_row(record: dict, source: str) -> dict:
         image = _image_value(required_field(record, "image", source, str), image_root)
         captions = required_field(record, "caption", source)
         if isinstance(captions, list):
@@ -189,7 +189,7 @@ def load_caption_json(
     lists or JSON lines. Paths are taken as written, or under `image_root` when given.
     """
 
-    def make_row(record: Any, source: str) -> dict:
+    def make_row(record: dict, source: str) -> dict:
         image = _image_value(required_field(record, "image", source, str), image_root)
         caption = clean_caption(required_field(record, "caption", source), source, max_words)
         return {"image": image, "caption": caption, **_extras(record, extra_fields)}
@@ -261,7 +261,7 @@ def load_image_folder(
             features=Features({"image": ImageFeature(decode=False)}),
         )
 
-    def make_row(record: Any, source: str) -> dict:
+    def make_row(record: dict, source: str) -> dict:
         path = _path_in_folder(folder, required_field(record, "file_name", source, str), source)
         row = _clean_metadata_text(record, source, max_words, report)
         del row["file_name"]
@@ -380,7 +380,7 @@ def vqa_answer_weights(answers: Sequence[str]) -> tuple[list[str], list[float]]:
     return unique, [answers.count(answer) / len(answers) for answer in unique]
 
 
-def _vqa_row(record: Any, source: str, image_roots: dict[str, PathLike | None], max_words: int) -> dict:
+def _vqa_row(record: dict, source: str, image_roots: dict[str, PathLike | None], max_words: int) -> dict:
     dataset_name = record.get("dataset", "vqa")
     image = _image_value(
         required_field(record, "image", source, str), image_roots.get(dataset_name, image_roots["vqa"])
@@ -396,7 +396,7 @@ def _vqa_row(record: Any, source: str, image_roots: dict[str, PathLike | None], 
         unique, weights = vqa_answer_weights(answers) if answers else ([], [])
     return {
         "image": image,
-        "question_id": stable_id(record.get("question_id", source)),
+        "question_id": stable_id(record["question_id"] if record.get("question_id") is not None else source),
         "question": question,
         "answers": answers,
         "unique_answers": unique,
@@ -421,7 +421,7 @@ def load_vqa(
     """
     image_roots = {"vqa": image_root, "vg": vg_image_root if vg_image_root is not None else image_root}
 
-    def make_row(record: Any, source: str) -> dict:
+    def make_row(record: dict, source: str) -> dict:
         return {**_vqa_row(record, source, image_roots, max_words), **_extras(record, extra_fields)}
 
     files = _as_files(annotation_files)
@@ -471,7 +471,7 @@ def load_nlvr(
     Columns: image0, image1, sentence (`pre_caption`, 40 words), label (1 for true), plus `extra_fields`.
     """
 
-    def make_row(record: Any, source: str) -> dict:
+    def make_row(record: dict, source: str) -> dict:
         images = required_field(record, "images", source, list)
         if len(images) != 2 or not all(isinstance(image, str) for image in images):
             raise BadSampleError(source, "missing_field", "'images' is not a pair of paths")
