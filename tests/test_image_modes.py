@@ -2,6 +2,8 @@
 mode, from memory and from files; the processor refuses bombs and names broken files."""
 
 import io
+import urllib.error
+import urllib.request
 
 import numpy as np
 import PIL.Image
@@ -113,6 +115,28 @@ def test_a_transparent_key_colour_is_white(processor, tmp_path):
         pixels = np.asarray(decoded)
         assert tuple(pixels[0, 0]) == WHITE and tuple(pixels[0, -1]) == right, image.mode
         np.testing.assert_array_equal(pixel_values(processor, str(path)), pixel_values(processor, decoded))
+
+
+def test_urls_are_fetched_then_decoded_like_files(processor, monkeypatch):
+    encoded = tiff_bytes(constant("I;16", 30000))
+    requested = []
+
+    class Response(io.BytesIO):
+        def __exit__(self, *args):
+            self.close()
+
+    def fake_urlopen(url, timeout=None):
+        requested.append((url, timeout))
+        if url.endswith("missing.tiff"):
+            raise urllib.error.URLError("404")
+        return Response(encoded)
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    image = processor.image_processor.load_image("https://example.com/scan.tiff", timeout=3.0)
+    assert requested == [("https://example.com/scan.tiff", 3.0)]
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(load_image(encoded)))
+    with pytest.raises(ImageDecodeError, match=r"https://example\.com/missing\.tiff: missing_file"):
+        processor(images="https://example.com/missing.tiff")
 
 
 def test_processor_refuses_a_bomb_before_decoding_it(processor, tmp_path):
