@@ -20,6 +20,8 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoModelForVisualQuestionAnswering,
     BertTokenizerFast,
+    BlipImageProcessorPil,
+    BlipProcessor,
     pipeline,
 )
 
@@ -311,3 +313,13 @@ def test_image_to_text_strips_the_prompt_at_a_word_boundary(config, monkeypatch)
 
     assert generate_caption("a picture offering a view") == "a picture offering a view"
     assert generate_caption("a picture of a view") == "a view"
+
+
+def test_a_processor_without_the_package_decoder_is_refused_clearly(config, tokenizer):
+    """transformers' own BlipProcessor lacks the decoder and the caption rule; the pipeline says what to save."""
+    model = BlipForConditionalGeneration(config).eval()
+    image_processor = BlipImageProcessorPil(size={"height": 32, "width": 32})
+    foreign = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    captioner = BlipImageToTextPipeline(model=model, processor=foreign)
+    with pytest.raises(TypeError, match=r"BlipImageProcessorPil has no `load_image`.*build_processor"):
+        captioner(random_image(7))
