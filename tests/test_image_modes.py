@@ -10,7 +10,15 @@ import PIL.Image
 import pytest
 from test_data_decoding import png_bomb
 
-from transformers_blip.data import BadSampleError, BlipEvalTransform, BlipTrainTransform, load_image
+from transformers_blip import image_processing_blip
+from transformers_blip.data import (
+    BadSampleError,
+    BlipEvalTransform,
+    BlipTrainTransform,
+    decoding,
+    load_image,
+    transforms,
+)
 from transformers_blip.image_processing_blip import DEFAULT_MAX_PIXELS, ImageDecodeError
 
 WHITE = (255, 255, 255)
@@ -62,6 +70,11 @@ def tiff_bytes(image: PIL.Image.Image) -> bytes:
 
 def pixel_values(processor, images) -> np.ndarray:
     return processor(images=images, return_tensors="np")["pixel_values"]
+
+
+def test_there_is_one_conversion():
+    assert decoding.to_rgb is transforms.to_rgb is image_processing_blip.to_rgb
+    assert decoding.DEFAULT_MAX_PIXELS == image_processing_blip.BlipImageProcessorAnyMode.max_pixels
 
 
 @pytest.mark.parametrize("mode", MODES)
