@@ -88,6 +88,15 @@ def test_a_metadata_line_without_the_caption_other_lines_have_is_skipped(tmp_pat
         load_image_folder(folder, report=SkipReport(tmp_path / "strict", strict=True))
 
 
+@pytest.mark.parametrize("captions", [5, {"en": "a cat"}, True])
+def test_metadata_captions_that_are_not_a_list_are_skipped(captions, tmp_path):
+    records = [{"file_name": "a.png", "captions": ["A cat."]}, {"file_name": "b.png", "captions": captions}]
+    folder = write_metadata(tmp_path / "data", records)
+    report = SkipReport(tmp_path / "skips")
+    assert load_image_folder(folder, report=report)["captions"] == [["a cat"]]
+    assert skips(report) == [(f"{folder / 'metadata.jsonl'}:2", "missing_field")]
+
+
 def test_metadata_without_any_text_field_is_not_refused(tmp_path):
     folder = write_metadata(tmp_path / "data", [{"file_name": "a.png", "label": 1}, {"file_name": "b.png"}])
     assert load_image_folder(folder)["label"] == [1, None]

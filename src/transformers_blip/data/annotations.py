@@ -128,9 +128,11 @@ def clean_caption(text: Any, source: str, max_words: int) -> str:
 
 
 def clean_caption_list(texts: Any, source: str, max_words: int, report: SkipReport) -> list[str]:
-    """Clean every caption of a list, skipping (and recording) the empty ones."""
+    """Clean every caption of a list (or one text), skipping (and recording) the empty ones."""
     if isinstance(texts, str):
         texts = [texts]
+    if not isinstance(texts, list):
+        raise BadSampleError(source, "missing_field", f"captions are a {type(texts).__name__}, not a list of texts")
     captions = []
     for index, text in enumerate(texts):
         try:
