@@ -245,6 +245,17 @@ def test_vqa_question_ids_stay_the_numbers_the_evaluation_server_expects(tmp_pat
     assert loaded[:2] == [262148000, 9] and len(set(loaded)) == 4
 
 
+def test_vqa_answers_that_are_neither_a_text_nor_a_list_are_skipped(tmp_path):
+    records = [
+        {"image": "a.png", "question": "What?", "answer": answer, "question_id": i}
+        for i, answer in enumerate([["red"], 7, {"red": 1}, None])
+    ]
+    path = write_json(tmp_path / "vqa.json", records)
+    report = SkipReport(tmp_path / "skips")
+    assert load_vqa(path, "/coco", report=report)["answers"] == [["red"], []]  # None: a test question
+    assert skips(report) == [(f"{path}:1", "missing_field"), (f"{path}:2", "missing_field")]
+
+
 def test_the_collator_maps_string_image_ids_to_distinct_numbers():
     keys = ["coco_1", "flickr_1", "coco_1", 12]
     collator = ImageTextCollator(make_tokenizer(), BlipEvalTransform(32), image_id_column="image_id")

@@ -388,9 +388,13 @@ def _vqa_row(record: dict, source: str, image_roots: dict[str, PathLike | None],
     question = pre_question(str(required_field(record, "question", source)), max_words)
     if not question:
         raise BadSampleError(source, "empty_caption", "empty question")
-    answer = record.get("answer", [])
+    answer = record.get("answer")
+    if answer is None:  # a test question
+        answer = []
     if isinstance(answer, str):  # Visual Genome: one answer, a fixed weight
         answers, unique, weights = [answer], [answer], [VG_ANSWER_WEIGHT]
+    elif not isinstance(answer, list):
+        raise BadSampleError(source, "missing_field", f"'answer' is a {type(answer).__name__}, not a text or a list")
     else:
         answers = [str(a) for a in answer]
         unique, weights = vqa_answer_weights(answers) if answers else ([], [])
