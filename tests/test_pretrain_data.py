@@ -149,3 +149,16 @@ def test_the_script_refuses_to_drop_the_columns_its_collator_reads(tmp_path, mon
         )  # fmt: skip
     assert exit_info.value.code == 2
     assert "--remove_unused_columns must stay False" in capsys.readouterr().err
+
+
+def test_the_script_refuses_image_ids_a_source_does_not_have(tmp_path, monkeypatch, capsys):
+    good, _ = write_pairs(tmp_path / "data")
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(
+            monkeypatch, "--output_dir", str(tmp_path / "run"), "--source", "caption_json",
+            "--train_files", str(good), "--image_root", str(good.parent), "--use_image_ids", "true",
+        )  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "--use_image_ids needs an image_id column; the caption_json source has ['image', 'caption']" in (
+        capsys.readouterr().err
+    )

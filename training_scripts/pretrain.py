@@ -3,7 +3,7 @@
 By default it pretrains a tiny model on the synthetic benchmark (generated on the fly) and reports held-out ITC
 retrieval recall at the end. docs/pretraining.md has the paper's recipe for real data and GPUs.
 
-    # one process (CPU or one GPU)
+    # one process (CPU or one GPU); again with --resume_from_checkpoint to go on from the newest complete checkpoint
     python training_scripts/pretrain.py --output_dir outputs/pretrain
     # 8 GPUs on one node (DDP, NCCL)
     torchrun --nproc_per_node 8 training_scripts/pretrain.py --model_size base --image_size 224 \\
@@ -35,6 +35,7 @@ from transformers_blip.training import (
     pretraining_config,
     with_caption_lengths,
 )
+from transformers_blip.training.checkpoints import CheckpointError, allow_resume_without_path
 
 
 @dataclass
@@ -97,6 +98,7 @@ class DataArguments:
 
 def main() -> None:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    allow_resume_without_path(parser)
     # The paper's optimisation (AdamW, lr 3e-4, weight decay 0.05). `remove_unused_columns` is False because the
     # collator reads `image` and `caption`, which the model's forward does not name; True is refused below. Without
     # GPUs `use_cpu` is what lets Trainer join the processes of `torchrun` / `accelerate launch` (gloo).
@@ -128,6 +130,9 @@ def main() -> None:
             report=skip_report,
             count_load_skips=training_args.process_index == 0,
         )
+    columns = train_dataset.column_names  # None for a stream whose first example is not read yet
+    if model_args.use_image_ids and columns is not None and "image_id" not in columns:
+        parser.error(f"--use_image_ids needs an image_id column; the {data_args.source} source has {columns}")
 
     if model_args.model_name_or_path:  # a saved pretraining run: its weights, momentum, queues and tokenizer
         model = BlipForPreTraining.from_pretrained(model_args.model_name_or_path)
@@ -176,7 +181,10 @@ def main() -> None:
         data_collator=collator,
         processing_class=tokenizer,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except CheckpointError as error:  # a damaged or unsealed checkpoint: say which file, not a traceback
+        raise SystemExit(f"error: {error}") from error
     trainer.save_model()
     trainer.save_state()
     if not trainer.is_world_process_zero():
