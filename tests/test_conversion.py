@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_config
+from test_convert_original import read_key_file
 
 from transformers_blip import (
     BlipForConditionalGeneration,
@@ -26,9 +27,11 @@ from transformers_blip.convert.original import (
     infer_config,
     load_original_checkpoint,
     original_state_dict,
+    plan_conversion,
+    resolve_head,
     save_original_checkpoint,
 )
-from transformers_blip.convert.original_layout import ORIGINAL_MODULES, to_original, top_module
+from transformers_blip.convert.original_layout import ORIGINAL_MODULES, detect_variant, to_original, top_module
 from transformers_blip.convert.pretraining import task_head_from_pretraining
 from transformers_blip.modeling_pretraining import MOMENTUM_PAIRS, QUEUE_BUFFERS, BlipForPreTraining
 from transformers_blip.modeling_vision import BlipVisionEmbeddings, interpolate_position_embedding
@@ -245,6 +248,35 @@ def test_the_retrieval_models_queue_pointer_is_loaded():
     loaded, report = load_original_checkpoint(state_dict, head="pretraining", config=model.config)
     assert report.is_complete and "queue_ptr" in report.loaded and "ptr_queue" not in report.dropped_expected
     assert int(loaded.queue_ptr) == 5
+
+
+def test_released_layouts_of_the_feature_extractor_and_the_retrieval_queues_have_a_place():
+    # `BLIP_Base` holds what the pretraining model's ViT and text encoder hold.
+    pretraining_shapes = read_key_file("pretrain_base_224")
+    shapes = {
+        key: shape
+        for key, shape in pretraining_shapes.items()
+        if top_module(key) in ("visual_encoder", "text_encoder")
+    }
+    assert detect_variant(shapes) == "features" and resolve_head("auto", "features") is BlipModel
+    with torch.device("meta"):
+        report = plan_conversion(shapes, BlipModel(infer_config(shapes)), "features").report
+    assert report.is_complete and set(report.defaulted) == {
+        "vision_proj.weight",
+        "vision_proj.bias",
+        "text_proj.weight",
+        "text_proj.bias",
+        "temp",
+    }
+
+    shapes = read_key_file("retrieval_base_384")
+    with torch.device("meta"):
+        report = plan_conversion(shapes, BlipForPreTraining(infer_config(shapes)), "retrieval").report
+    assert (
+        "queue_ptr" in report.loaded
+        and "queue_ptr" not in report.missing
+        and "ptr_queue" not in report.dropped_expected
+    )
 
 
 def test_head_counts_can_be_given_when_heads_are_not_64_wide():
