@@ -58,8 +58,8 @@ def load_pretraining_pairs(
         synthetic_kwargs: arguments of `build_synthetic_benchmark` (its VQA, NLVR2 and validation splits are kept
             minimal unless given).
         report: the run's `SkipReport`. What the files lose when they are read goes to its `"loading"` part, which
-            is emptied first, since a resumed run reads the same files again; webdataset shards report there as
-            they stream. A strict report stops at the first bad record.
+            is emptied first, since a resumed run reads the same files again; a webdataset stream records in the
+            report itself as it is read. A strict report stops at the first bad record.
         count_load_skips: `False` on every process but the main one: each process reads the same files and would
             count their losses once more (strict mode still raises everywhere).
 
