@@ -26,7 +26,7 @@ from transformers_blip import atomic_writes
 from transformers_blip.atomic_writes import atomic_directory, atomic_file, is_partial, write_text_atomically
 from transformers_blip.benchmark import build_synthetic_benchmark, export_benchmark
 from transformers_blip.benchmark import export as benchmark_export
-from transformers_blip.training import checkpoints
+from transformers_blip.training import checkpoint_cli, checkpoints
 from transformers_blip.training.checkpoints import (
     MANIFEST_NAME,
     CheckpointError,
@@ -242,9 +242,9 @@ def test_a_checkpoint_without_a_manifest_is_refused_until_sealed(run_copy, capsy
         latest_complete_checkpoint(run_copy)
     assert "checkpoint-2" in str(refused.value) and "checkpoint-4" in str(refused.value)
 
-    assert checkpoints.main(["seal", str(run_copy / "checkpoint-2")]) == 0
+    assert checkpoint_cli.main(["seal", str(run_copy / "checkpoint-2")]) == 0
     assert latest_complete_checkpoint(run_copy) == str(run_copy / "checkpoint-2")
-    assert checkpoints.main(["verify", str(run_copy / "checkpoint-4")]) == 1
+    assert checkpoint_cli.main(["verify", str(run_copy / "checkpoint-4")]) == 1
     assert MANIFEST_NAME in capsys.readouterr().out
 
 

@@ -209,6 +209,36 @@ def test_resuming_from_a_checkpoint_continues_exactly(tmp_path):
     assert resumed.model.optimizer_steps == uninterrupted.model.optimizer_steps == 2 * steps
 
 
+def test_script_resumes_from_the_newest_complete_checkpoint_and_names_a_damaged_one(tmp_path):
+    command = [
+        sys.executable, str(SCRIPT), "--output_dir", str(tmp_path), "--image_size", "32",
+        "--synthetic_num_human", "4", "--synthetic_num_web", "4", "--synthetic_num_test", "4", "--vocab_size", "200",
+        "--per_device_train_batch_size", "4", "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "1",
+        "--disable_tqdm", "true", "--use_cpu",
+    ]  # fmt: skip
+
+    def run(*arguments):
+        return subprocess.run([*command, *arguments], capture_output=True, text=True, timeout=300)
+
+    first = run("--max_steps", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    weights = tmp_path / "checkpoint-2" / "model.safetensors"
+    with open(weights, "r+b") as handle:  # the tail of the newest checkpoint's weights zeroed, its size kept
+        handle.seek(weights.stat().st_size // 2)
+        handle.write(bytes(weights.stat().st_size - weights.stat().st_size // 2))
+
+    refused = run("--max_steps", "3", "--resume_from_checkpoint", str(weights.parent))
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert f"error: {weights} differs" in refused.stderr
+
+    resumed = run("--max_steps", "3", "--resume_from_checkpoint")  # alone: the newest complete checkpoint
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Passing over checkpoint-2" in resumed.stderr
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3]  # step 2 redone
+
+
 def load_script():
     spec = importlib.util.spec_from_file_location("pretrain_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)

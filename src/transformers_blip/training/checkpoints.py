@@ -10,13 +10,12 @@ brings both to any `Trainer`:
 A checkpoint without a manifest (written by a plain `Trainer`, or by a save that a kill interrupted) is refused
 too; one known to be complete can be sealed by hand:
 
-    python -m transformers_blip.training.checkpoints seal outputs/run/checkpoint-500
-    python -m transformers_blip.training.checkpoints verify outputs/run/checkpoint-500
+    python -m transformers_blip.training.checkpoint_cli seal outputs/run/checkpoint-500
+    python -m transformers_blip.training.checkpoint_cli verify outputs/run/checkpoint-500
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -68,8 +67,8 @@ def _read_manifest(directory: Path) -> dict[str, dict]:
     if not path.is_file():
         raise CheckpointError(
             f"{directory} has no {MANIFEST_NAME}: it was written by a Trainer that does not seal its checkpoints, or "
-            f"its save was interrupted. If you know it is complete, seal it with `python -m {__name__} seal "
-            f"{directory}` and resume again."
+            f"its save was interrupted. If you know it is complete, seal it with `python -m "
+            f"transformers_blip.training.checkpoint_cli seal {directory}` and resume again."
         )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -232,26 +231,6 @@ def allow_resume_without_path(parser: HfArgumentParser) -> None:
             action.help = (action.help or "") + " Without a path: the newest complete checkpoint of output_dir."
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`seal DIR` writes a checkpoint's manifest; `verify DIR` checks one (exit status 1 and the reason if bad)."""
-    parser = argparse.ArgumentParser(prog=f"python -m {__name__}", description=main.__doc__)
-    parser.add_argument("command", choices=("seal", "verify"))
-    parser.add_argument("checkpoint", type=Path)
-    args = parser.parse_args(argv)
-    if not args.checkpoint.is_dir():
-        parser.error(f"no checkpoint directory at {args.checkpoint}")
-    if args.command == "seal":
-        print(f"sealed {write_manifest(args.checkpoint)}")
-        return 0
-    try:
-        verify_checkpoint(args.checkpoint)
-    except CheckpointError as error:
-        print(f"error: {error}")
-        return 1
-    print(f"{args.checkpoint}: complete")
-    return 0
-
-
 __all__ = [
     "MANIFEST_NAME",
     "CheckpointError",
@@ -264,6 +243,3 @@ __all__ = [
     "verify_checkpoint",
     "write_manifest",
 ]
-
-if __name__ == "__main__":
-    raise SystemExit(main())
