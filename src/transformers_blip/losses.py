@@ -132,6 +132,17 @@ def same_id_positives(query_ids: torch.Tensor, key_ids: torch.Tensor) -> torch.T
     return query_ids.view(-1, 1) == key_ids.view(1, -1)
 
 
+def similarity_logits(queries: torch.Tensor, keys: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+    """`queries @ keys.T / temperature`, (B, K), in fp32 whatever autocast is on.
+
+    The features are normalised, so their similarities lie in [-1, 1], where bf16 keeps about two decimal digits:
+    divided by a temperature near 0.07 that is an error of several tenths in a logit, which drowns what the
+    contrastive losses learn from.
+    """
+    with torch.autocast(device_type=queries.device.type, enabled=False):
+        return queries.float() @ keys.float().t() / torch.as_tensor(temperature, dtype=torch.float32)
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross entropy against a target distribution per row: logits and targets (B, K); the mean over rows."""
     return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
@@ -165,18 +176,20 @@ def itc_loss(
         alpha (`float`): weight of the momentum model's soft targets.
 
     Returns:
-        `(loss, logits_per_image, logits_per_text)`, the logits each `(B, K)`.
+        `(loss, logits_per_image, logits_per_text)`, the logits each `(B, K)`; all in fp32, also under autocast.
     """
     with torch.no_grad():
         hard_targets = positives.float() / positives.sum(dim=1, keepdim=True)  # (B, K)
-        soft_i2t = F.softmax(image_feat_m @ text_keys.t() / temperature, dim=1)  # (B, K)
-        soft_t2i = F.softmax(text_feat_m @ image_keys.t() / temperature, dim=1)  # (B, K)
+        soft_i2t = F.softmax(similarity_logits(image_feat_m, text_keys, temperature), dim=1)  # (B, K)
+        soft_t2i = F.softmax(similarity_logits(text_feat_m, image_keys, temperature), dim=1)  # (B, K)
         targets_i2t = alpha * soft_i2t + (1 - alpha) * hard_targets
         targets_t2i = alpha * soft_t2i + (1 - alpha) * hard_targets
-    logits_per_image = image_feat @ text_keys.t() / temperature  # (B, K)
-    logits_per_text = text_feat @ image_keys.t() / temperature  # (B, K)
-    loss = (soft_cross_entropy(logits_per_image, targets_i2t) + soft_cross_entropy(logits_per_text, targets_t2i)) / 2
-    return loss, logits_per_image, logits_per_text
+    logits_per_image = similarity_logits(image_feat, text_keys, temperature)  # (B, K), fp32
+    logits_per_text = similarity_logits(text_feat, image_keys, temperature)  # (B, K), fp32
+    with torch.autocast(device_type=logits_per_image.device.type, enabled=False):
+        loss_i2t = soft_cross_entropy(logits_per_image, targets_i2t)
+        loss_t2i = soft_cross_entropy(logits_per_text, targets_t2i)
+    return (loss_i2t + loss_t2i) / 2, logits_per_image, logits_per_text
 
 
 @torch.no_grad()
@@ -227,5 +240,6 @@ __all__ = [
     "rank_and_world_size",
     "same_id_positives",
     "sample_hard_negatives",
+    "similarity_logits",
     "soft_cross_entropy",
 ]
