@@ -7,6 +7,7 @@ its configs are translated by `BlipConfig.from_transformers_dict`.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -134,8 +135,9 @@ class BlipTextConfig(PretrainedConfig):
         layer_norm_eps, initializer_range: as in BERT (BERT-base defaults).
         hidden_dropout_prob (`float`, defaults to 0.1), attention_probs_dropout_prob (`float`, defaults to 0.1):
             BERT's dropouts, as the original's `med_config.json`.
-        encoder_hidden_size (`int`, defaults to 768): width of the image embeddings the cross-attention reads. In a
-            [`BlipConfig`] it is always derived from the vision width.
+        encoder_hidden_size (`int`, defaults to 768): width of the states the cross-attention reads. In a
+            [`BlipConfig`] it is always derived there: the vision width for the models that read the image, the text
+            width for VQA's answer decoder, which reads the question (`BlipConfig.answer_decoder_config()`).
         add_cross_attention (`bool`, defaults to `True`): build a cross-attention block in every layer. Whether a call
             uses it is decided by the `mode` argument of [`BlipTextModel.forward`], not by this flag.
         label_smoothing (`float`, defaults to 0.1): label smoothing of the language-modelling loss.
@@ -251,7 +253,7 @@ class BlipConfig(PretrainedConfig):
             vision_config = BlipVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
         self.text_config = text_config if text_config is not None else BlipTextConfig()
         self.vision_config = vision_config if vision_config is not None else BlipVisionConfig()
-        # The one place where the text model learns the width of what it cross-attends to.
+        # With `answer_decoder_config`, the one place where a text model learns the width of what it cross-attends to.
         self.text_config.encoder_hidden_size = self.vision_config.hidden_size
         self.embed_dim = embed_dim
         # Not named `temperature`: generate() would read that as a sampling temperature.
@@ -270,6 +272,13 @@ class BlipConfig(PretrainedConfig):
         self.nlvr_merge_from_layer = nlvr_merge_from_layer
         kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(**kwargs)
+
+    def answer_decoder_config(self) -> BlipTextConfig:
+        """The text config of VQA's answer decoder: it cross-attends to the question states, so its keys and values
+        read the text width where `text_config` (the question encoder's) reads the ViT's."""
+        answer_config = copy.deepcopy(self.text_config)
+        answer_config.encoder_hidden_size = self.text_config.hidden_size
+        return answer_config
 
     @classmethod
     def from_text_vision_configs(cls, text_config: BlipTextConfig, vision_config: BlipVisionConfig, **kwargs):
@@ -320,6 +329,12 @@ class BlipConfig(PretrainedConfig):
             "image_text_hidden_size": self.embed_dim,
             "label_smoothing": self.text_config.label_smoothing,
         }
+
+    @classmethod
+    def is_transformers_layout(cls, pretrained_model_name_or_path, **kwargs) -> bool:
+        """Whether the checkpoint's `config.json` is transformers' own BLIP's (`model_type: "blip"`)."""
+        config_dict, _ = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+        return config_dict.get("model_type") == "blip"
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> BlipConfig:

@@ -1,13 +1,19 @@
-"""What a saved BLIP model carries besides its weights: the pipeline file, `custom_pipelines`, a model card."""
+"""What a saved BLIP model carries besides its weights (the pipeline file, `custom_pipelines`, extra Auto classes, a
+model card), and the upload of all of it to the hub."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+from typing import TYPE_CHECKING
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from .pipelines import CUSTOM_PIPELINES
+
+if TYPE_CHECKING:
+    from .modeling_blip import BlipPreTrainedModel
 
 # Written beside the weights: `custom_pipelines` points `trust_remote_code` loading at this file.
 PIPELINES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pipelines.py")
@@ -25,6 +31,12 @@ from transformers import pipeline
 vqa = pipeline("visual-question-answering", model="{repo_id}", trust_remote_code=True)
 vqa(image="photo.jpg", question="what colour is the square?")  # [{{'answer': '...', 'score': ...}}]
 ```""",
+    "zero-shot-image-classification": """```python
+from transformers import pipeline
+
+classifier = pipeline("zero-shot-image-classification", model="{repo_id}", trust_remote_code=True)
+classifier("photo.jpg", candidate_labels=["a red square", "a blue circle"])  # [{{'score': ..., 'label': ...}}, ...]
+```""",
 }
 
 
@@ -39,20 +51,28 @@ def custom_pipelines_for(tasks: tuple[str, ...]) -> dict:
     return {task: CUSTOM_PIPELINES[task] for task in tasks}
 
 
-def model_card(model_class_name: str, pipeline_tag: str | None, repo_id: str = "path/to/model") -> ModelCard:
-    """A model card naming the task, the library and how to load the model."""
+def model_card(
+    model_class_name: str,
+    pipeline_tag: str | None,
+    repo_id: str = "path/to/model",
+    tags: list[str] | None = None,
+) -> ModelCard:
+    """A model card naming the task, the library and how to load the model; `tags` are added to BLIP's."""
+    all_tags = ["blip", "transformers-blip", "custom_code"]
+    all_tags += [tag for tag in tags or [] if tag not in all_tags]
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag=pipeline_tag,
-        tags=["blip", "transformers-blip", "custom_code"],
+        tags=all_tags,
         license="bsd-3-clause",
     )
     usage = _USAGE.get(pipeline_tag or "", "").format(repo_id=repo_id)
+    task = f"Its task: `{pipeline_tag}`." if pipeline_tag else "It serves no pipeline task."
     content = (
         f"---\n{card_data.to_yaml()}\n---\n\n"
         f"# {model_class_name}\n\n"
         "A BLIP model (Bootstrapping Language-Image Pre-training, Li et al., ICML 2022) saved by transformers-blip. "
-        f"Its task: `{pipeline_tag or 'feature extraction'}`.\n\n"
+        f"{task}\n\n"
         "It loads with `trust_remote_code=True` where transformers-blip is not installed, and without it where the "
         "package is installed (`import transformers_blip`).\n\n"
         f"{usage}\n"
@@ -65,3 +85,55 @@ def write_model_card(save_directory: str | os.PathLike, model_class_name: str, p
     path = os.path.join(save_directory, "README.md")
     if not os.path.exists(path):
         model_card(model_class_name, pipeline_tag).save(path)
+
+
+def prepare_config_for_saving(model: BlipPreTrainedModel) -> None:
+    """Writes into the model's config what a saved directory needs to serve its tasks: `custom_pipelines`, and the
+    extra Auto classes of `auto_map` under which remote code loads the head."""
+    if model.pipeline_tasks:
+        model.config.custom_pipelines = custom_pipelines_for(model.pipeline_tasks)
+    if model._auto_class is not None and model.extra_auto_classes:
+        module_file = type(model).__module__.rsplit(".", 1)[-1]
+        extra = dict.fromkeys(model.extra_auto_classes, f"{module_file}.{type(model).__name__}")
+        model.config.auto_map = {**(getattr(model.config, "auto_map", None) or {}), **extra}
+
+
+def write_hub_files(model: BlipPreTrainedModel, save_directory: str | os.PathLike) -> None:
+    """The files a saved model carries besides weights, config and code: `pipelines.py` and the model card."""
+    add_pipeline_files(save_directory, model.pipeline_tasks)
+    write_model_card(save_directory, type(model).__name__, model.pipeline_tag)
+
+
+def upload_to_hub(
+    model: BlipPreTrainedModel,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    max_shard_size: int | str | None = "50GB",
+    tags: list[str] | None = None,
+):
+    """Uploads what `save_pretrained` writes, with a model card that names the repo, as one commit.
+
+    The arguments are those of transformers' `PreTrainedModel.push_to_hub`; unlike it, the card is BLIP's (task,
+    usage, license) rather than a generic one.
+    """
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    all_tags = list(model.model_tags or []) + [tag for tag in tags or [] if tag not in (model.model_tags or [])]
+    with tempfile.TemporaryDirectory() as work_dir:
+        model.save_pretrained(work_dir, max_shard_size=max_shard_size)
+        card = model_card(type(model).__name__, model.pipeline_tag, repo_id, all_tags)
+        card.save(os.path.join(work_dir, "README.md"))
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=work_dir,
+            commit_message=commit_message or f"Upload {type(model).__name__}",
+            commit_description=commit_description,
+            revision=revision,
+            create_pr=create_pr,
+        )

@@ -9,21 +9,29 @@ token themselves: callers pass ordinary tokenized text (`[CLS] ... [SEP]`).
 from __future__ import annotations
 
 import copy
+import functools
 import os
-import tempfile
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import HfApi
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, BaseModelOutputWithPooling
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_blip import BlipConfig
-from .hub import add_pipeline_files, custom_pipelines_for, model_card, write_model_card
-from .modeling_med import BlipTextLMHeadModel, BlipTextModel, language_modeling_loss
+from .hub import prepare_config_for_saving, upload_to_hub, write_hub_files
+from .modeling_med import (
+    BlipTextLMHeadModel,
+    BlipTextModel,
+    ImageKeyValues,
+    language_modeling_loss,
+    mask_padding,
+    refuse_attention_weights,
+)
 from .modeling_vision import BlipVisionModel
 
 
@@ -47,25 +55,90 @@ def ones_mask(states: torch.Tensor) -> torch.Tensor:
     return torch.ones(states.shape[:-1], dtype=torch.long, device=states.device)
 
 
+def refuse_token_types(token_type_ids: torch.Tensor | None) -> None:
+    """BERT tokenizers return `token_type_ids`; BLIP's text model has no token types, so only all-zero ids (one
+    segment, what a tokenizer gives a single text) mean what the model computes."""
+    if token_type_ids is not None and bool(token_type_ids.any()):
+        raise ValueError(
+            "token_type_ids holds non-zero types, but BLIP's text model has no token type embeddings: pass one "
+            "text per row (a single segment) or leave token_type_ids out"
+        )
+
+
+def itc_feature(projection: nn.Linear, states: torch.Tensor) -> torch.Tensor:
+    """The ITC feature of encoder states (B, L, D): the `[CLS]` row projected and L2-normalised, (B, embed_dim)."""
+    return F.normalize(projection(states[:, 0]), dim=-1)
+
+
+def image_grounded_encoding(
+    text_encoder: BlipTextModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    encoder_hidden_states: torch.Tensor | None = None,
+    image_key_values: ImageKeyValues | None = None,
+    output_hidden_states: bool = False,
+) -> BaseModelOutputWithPastAndCrossAttentions:
+    """Texts read against images (ITM, VQA questions, NLVR2): `[ENC]` in place of the first token, then the text
+    encoder in `"multimodal"` mode over the image states or their precomputed cross-attention keys/values."""
+    return text_encoder(
+        replace_first_token(input_ids, text_encoder.config.encoder_token_id),
+        attention_mask=attention_mask,
+        mode="multimodal",
+        encoder_hidden_states=encoder_hidden_states,
+        image_key_values=image_key_values,
+        output_hidden_states=output_hidden_states,
+    )
+
+
+def deprecated_alias(new_name: str):
+    """Marks a method as the old name of `new_name`: it warns, then calls the decorated body (one release only)."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            warnings.warn(
+                f"{type(self).__name__}.{method.__name__} is deprecated and will be removed in the next release: "
+                f"use {new_name}",
+                FutureWarning,
+                stacklevel=2,
+            )
+            return method(self, *args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
 @dataclass
 class BlipOutput(ModelOutput):
     """Output of [`BlipModel`].
+
+    The encoders' full outputs are `vision_model_output` and `text_model_output`, as in transformers' `BlipOutput`.
+    There is no `image_embeds` / `text_embeds` field: transformers uses those names for the projected features, which
+    are `image_feat` / `text_feat` here, while our other heads' `image_embeds` is the ViT's output, as in transformers'
+    captioning and ITM outputs.
 
     Args:
         logits_per_image (`torch.FloatTensor` of shape `(B_img, B_txt)`): ITC similarities divided by the temperature.
         logits_per_text (`torch.FloatTensor` of shape `(B_txt, B_img)`): the transpose.
         image_feat (`torch.FloatTensor` of shape `(B_img, embed_dim)`): normalised projected `[CLS]` of the image.
         text_feat (`torch.FloatTensor` of shape `(B_txt, embed_dim)`): normalised projected `[CLS]` of the text.
-        image_embeds (`torch.FloatTensor` of shape `(B_img, 1 + N, D_v)`): the ViT's output.
-        text_embeds (`torch.FloatTensor` of shape `(B_txt, L, D_t)`): the unimodal text encoder's output.
+        vision_model_output (`BaseModelOutputWithPooling`): the ViT's output; `last_hidden_state` (B_img, 1 + N, D_v),
+            and `hidden_states` with `output_hidden_states=True`.
+        text_model_output (`BaseModelOutputWithPastAndCrossAttentions`): the unimodal text encoder's output;
+            `last_hidden_state` (B_txt, L, D_t), and `hidden_states` with `output_hidden_states=True`.
     """
 
     logits_per_image: torch.FloatTensor | None = None
     logits_per_text: torch.FloatTensor | None = None
     image_feat: torch.FloatTensor | None = None
     text_feat: torch.FloatTensor | None = None
-    image_embeds: torch.FloatTensor | None = None
-    text_embeds: torch.FloatTensor | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+    text_model_output: BaseModelOutputWithPastAndCrossAttentions | None = None
+
+    def to_tuple(self) -> tuple:
+        # The nested outputs become tuples too, as in transformers' BlipOutput.
+        return tuple(value.to_tuple() if isinstance(value, ModelOutput) else value for value in self.values())
 
 
 @dataclass
@@ -76,11 +149,17 @@ class BlipCaptionOutput(ModelOutput):
         loss (`torch.FloatTensor` of shape `()`, *optional*): label-smoothed LM loss over the caption tokens.
         logits (`torch.FloatTensor` of shape `(B, L, V)`): next-token logits of the decoder.
         image_embeds (`torch.FloatTensor` of shape `(B, 1 + N, D_v)`): the ViT's output.
+        vision_hidden_states (`tuple(torch.FloatTensor)`, *optional*): with `output_hidden_states=True`, the ViT's
+            embeddings and each layer's output, each `(B, 1 + N, D_v)`.
+        decoder_hidden_states (`tuple(torch.FloatTensor)`, *optional*): with `output_hidden_states=True`, the
+            decoder's embeddings and each layer's output, each `(B, L, D_t)`.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
+    vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -96,6 +175,11 @@ class BlipRetrievalOutput(ModelOutput):
             `(B, embed_dim)`): the normalised ITC features.
         image_embeds (`torch.FloatTensor` of shape `(B, 1 + N, D_v)`): the ViT's output.
         multimodal_embeds (`torch.FloatTensor` of shape `(B, L, D_t)`): the image-grounded encoder's output.
+        vision_hidden_states (`tuple(torch.FloatTensor)`, *optional*): with `output_hidden_states=True`, the ViT's
+            embeddings and each layer's output.
+        text_hidden_states (`tuple(torch.FloatTensor)`, *optional*): the same for the unimodal text encoder (ITC).
+        multimodal_hidden_states (`tuple(torch.FloatTensor)`, *optional*): the same for the image-grounded encoder
+            (ITM).
     """
 
     itm_logits: torch.FloatTensor | None = None
@@ -105,6 +189,9 @@ class BlipRetrievalOutput(ModelOutput):
     text_feat: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
     multimodal_embeds: torch.FloatTensor | None = None
+    vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    text_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    multimodal_hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -117,12 +204,20 @@ class BlipQuestionAnsweringOutput(ModelOutput):
         logits (`torch.FloatTensor` of shape `(A, L_a, V)`, *optional*): answer decoder logits, one row per answer.
         image_embeds (`torch.FloatTensor` of shape `(B, 1 + N, D_v)`): the ViT's output.
         question_embeds (`torch.FloatTensor` of shape `(B, L_q, D_t)`): the image-grounded question encoding.
+        vision_hidden_states (`tuple(torch.FloatTensor)`, *optional*): with `output_hidden_states=True`, the ViT's
+            embeddings and each layer's output.
+        question_hidden_states (`tuple(torch.FloatTensor)`, *optional*): the same for the question encoder.
+        answer_hidden_states (`tuple(torch.FloatTensor)`, *optional*): the same for the answer decoder, when answers
+            are given; each `(A, L_a, D_t)`.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
     question_embeds: torch.FloatTensor | None = None
+    vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    question_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    answer_hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -156,6 +251,8 @@ class BlipPreTrainedModel(PreTrainedModel):
     pipeline_tag: str | None = None
     # Auto classes besides the registered one that load this head from a saved directory with remote code.
     extra_auto_classes: tuple[str, ...] = ()
+    # BLIP's generation settings for a generating head (beams, lengths); the token ids come from the config.
+    generation_defaults: dict = {}
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -165,56 +262,56 @@ class BlipPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, is_main_process: bool = True, **kwargs):
         """Saves weights (safetensors) and config, plus the pipeline file and a model card naming the task."""
-        if self.pipeline_tasks:
-            self.config.custom_pipelines = custom_pipelines_for(self.pipeline_tasks)
-        if self._auto_class is not None and self.extra_auto_classes:
-            module_file = type(self).__module__.rsplit(".", 1)[-1]
-            extra = dict.fromkeys(self.extra_auto_classes, f"{module_file}.{type(self).__name__}")
-            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **extra}
+        prepare_config_for_saving(self)
         super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
         if is_main_process:
-            add_pipeline_files(save_directory, self.pipeline_tasks)
-            write_model_card(save_directory, type(self).__name__, self.pipeline_tag)
+            write_hub_files(self, save_directory)
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        commit_message: str | None = None,
-        private: bool | None = None,
-        token: str | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        **save_kwargs,
+    @functools.wraps(PreTrainedModel.push_to_hub)
+    def push_to_hub(self, repo_id: str, **kwargs):
+        # transformers' arguments, BLIP's model card (see `hub.upload_to_hub`).
+        return upload_to_hub(self, repo_id, **kwargs)
+
+    def adjust_generation_fn(
+        self, generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path, **kwargs
     ):
-        """Uploads what `save_pretrained` writes (weights, config, code, pipeline, model card) to a hub repo."""
-        api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as work_dir:
-            self.save_pretrained(work_dir, **save_kwargs)
-            model_card(type(self).__name__, self.pipeline_tag, repo_id).save(os.path.join(work_dir, "README.md"))
-            return api.upload_folder(
-                repo_id=repo_id,
-                folder_path=work_dir,
-                commit_message=commit_message or f"Upload {type(self).__name__}",
-                revision=revision,
-                create_pr=create_pr,
+        # Loads the generation config as transformers does; one saved by transformers' own BLIP names its ids in its
+        # own way (`eos_token_id` 2, where generation must end at `[SEP]`) and lacks BLIP's settings.
+        super().adjust_generation_fn(
+            generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path, **kwargs
+        )
+        if generation_config is not None or pretrained_model_name_or_path is None:
+            return
+        download_kwargs = {k: kwargs[k] for k in _DOWNLOAD_ARGUMENTS if k in kwargs}
+        if BlipConfig.is_transformers_layout(pretrained_model_name_or_path, **download_kwargs):
+            self.generation_config = translated_generation_config(
+                self.generation_config, self.config, self.generation_defaults
             )
 
 
 class _ItcMixin:
-    """The learned ITC temperature, clamped as the original does."""
+    """ITC features and the learned temperature, clamped as the original does."""
 
     def clamped_temperature(self) -> torch.Tensor:
         with torch.no_grad():
             self.temp.clamp_(self.config.itc_temperature_min, self.config.itc_temperature_max)
         return self.temp
 
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalised ITC image features (B, embed_dim)."""
+        return itc_feature(self.vision_proj, self.vision_model(pixel_values).last_hidden_state)
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised ITC text features (B, embed_dim) from the unimodal text encoder."""
+        text_embeds = self.text_encoder(input_ids, attention_mask=attention_mask, mode="text").last_hidden_state
+        return itc_feature(self.text_proj, text_embeds)
+
 
 class BlipModel(_ItcMixin, BlipPreTrainedModel):
     """Image, text and multimodal features, and the ITC similarity with the learned temperature."""
 
-    pipeline_tag = "feature-extraction"
     # pipeline("zero-shot-image-classification") ranks candidate labels by `logits_per_image`, as for CLIP.
+    pipeline_tag = "zero-shot-image-classification"
     extra_auto_classes = ("AutoModelForZeroShotImageClassification",)
 
     def __init__(self, config: BlipConfig):
@@ -229,51 +326,53 @@ class BlipModel(_ItcMixin, BlipPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.text_encoder.get_input_embeddings()
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Normalised ITC image features (B, embed_dim)."""
-        image_embeds = self.vision_model(pixel_values).last_hidden_state
-        return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
-
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalised ITC text features (B, embed_dim) from the unimodal encoder."""
-        text_embeds = self.text_encoder(input_ids, attention_mask=attention_mask, mode="text").last_hidden_state
-        return F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
-
     def get_multimodal_features(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Image-grounded text states (B, L, D_t), `[ENC]` first; row 0 is the pair's joint representation."""
         check_batch_sizes(pixel_values, input_ids)
         image_embeds = self.vision_model(pixel_values).last_hidden_state
-        return self.text_encoder(
-            replace_first_token(input_ids, self.config.text_config.encoder_token_id),
-            attention_mask=attention_mask,
-            mode="multimodal",
-            encoder_hidden_states=image_embeds,
+        return image_grounded_encoding(
+            self.text_encoder, input_ids, attention_mask, encoder_hidden_states=image_embeds
         ).last_hidden_state
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        return_dict: bool = True,
-        **kwargs,
+        token_type_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool | None = None,
     ) -> BlipOutput:
-        image_embeds = self.vision_model(pixel_values).last_hidden_state
-        text_embeds = self.text_encoder(input_ids, attention_mask=attention_mask, mode="text").last_hidden_state
-        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)  # (B_img, E)
-        text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)  # (B_txt, E)
+        r"""
+        ITC logits of every image (B_img) with every text (B_txt), and both encoders' outputs.
+
+        Args:
+            token_type_ids (`torch.LongTensor` of shape `(B_txt, L)`, *optional*): accepted as a BERT tokenizer
+                returns them (pipeline("zero-shot-image-classification") passes them on); they must be all zero.
+            output_hidden_states (`bool`): also return every layer's states, in `vision_model_output.hidden_states`
+                and `text_model_output.hidden_states`.
+            output_attentions (`bool`, *optional*): refused when true: attention weights are not returned.
+        """
+        refuse_attention_weights(output_attentions, type(self).__name__)
+        refuse_token_types(token_type_ids)
+        vision_output = self.vision_model(pixel_values, output_hidden_states=output_hidden_states)
+        text_output = self.text_encoder(
+            input_ids, attention_mask=attention_mask, mode="text", output_hidden_states=output_hidden_states
+        )
+        image_feat = itc_feature(self.vision_proj, vision_output.last_hidden_state)  # (B_img, E)
+        text_feat = itc_feature(self.text_proj, text_output.last_hidden_state)  # (B_txt, E)
         logits_per_image = image_feat @ text_feat.t() / self.clamped_temperature()  # (B_img, B_txt)
-        output = BlipOutput(
+        return BlipOutput(
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_image.t(),
             image_feat=image_feat,
             text_feat=text_feat,
-            image_embeds=image_embeds,
-            text_embeds=text_embeds,
+            vision_model_output=vision_output,
+            text_model_output=text_output,
         )
-        return output if return_dict else output.to_tuple()
 
 
 def generation_settings(defaults: GenerationConfig, generate_kwargs: dict) -> dict:
@@ -281,6 +380,12 @@ def generation_settings(defaults: GenerationConfig, generate_kwargs: dict) -> di
     generation_config = copy.deepcopy(generate_kwargs.pop("generation_config", None) or defaults)
     model_kwargs = generation_config.update(**generate_kwargs)  # returns what is not a generation setting
     return {"generation_config": generation_config, **model_kwargs}
+
+
+# Arguments of `adjust_generation_fn` that say where a checkpoint's files are.
+_DOWNLOAD_ARGUMENTS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
+# Fields of a generation config that are token ids (named in transformers' BLIP's own way) or file bookkeeping.
+_NOT_GENERATION_SETTINGS = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"}
 
 
 def default_generation_config(config: BlipConfig, **settings) -> GenerationConfig:
@@ -294,6 +399,15 @@ def default_generation_config(config: BlipConfig, **settings) -> GenerationConfi
     )
 
 
+def translated_generation_config(loaded: GenerationConfig, config: BlipConfig, defaults: dict) -> GenerationConfig:
+    """A generation config loaded from transformers' BLIP layout, made ours: BLIP's token ids and `defaults`, except
+    for the settings its `generation_config.json` states itself (none when transformers derived it from the model
+    config, as `save_pretrained` of its BLIP does)."""
+    stated = {} if loaded._from_model_config else loaded.to_diff_dict()
+    settings = {k: v for k, v in stated.items() if k not in _NOT_GENERATION_SETTINGS and k != "transformers_version"}
+    return default_generation_config(config, **{**defaults, **settings})
+
+
 class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
     """Image captioning: the ViT and the image-grounded decoder.
 
@@ -305,6 +419,7 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
     main_input_name = "pixel_values"
     pipeline_tasks = ("image-to-text",)
     pipeline_tag = "image-to-text"
+    generation_defaults = {"max_length": 20, "min_length": 5, "num_beams": 3}
     _tied_weights_keys = {
         "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
         "text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias",
@@ -315,7 +430,7 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
         self.vision_model = BlipVisionModel(config.vision_config)
         self.text_decoder = BlipTextLMHeadModel(config.text_config)
         self.post_init()
-        self.generation_config = default_generation_config(config, max_length=20, min_length=5, num_beams=3)
+        self.generation_config = default_generation_config(config, **self.generation_defaults)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.text_decoder.get_input_embeddings()
@@ -323,6 +438,7 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Linear:
         return self.text_decoder.get_output_embeddings()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -330,8 +446,8 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         prompt_length: int = 0,
-        return_dict: bool = True,
-        **kwargs,
+        output_hidden_states: bool = False,
+        output_attentions: bool | None = None,
     ) -> BlipCaptionOutput:
         r"""
         Args:
@@ -340,20 +456,33 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
             labels (`torch.LongTensor` of shape `(B, L)`, *optional*): targets aligned with `input_ids`, usually
                 `input_ids` itself. Pads and the first `prompt_length` tokens after `[DEC]` get no loss.
             prompt_length (`int`): number of prompt tokens after `[DEC]` (e.g. 4 for "a picture of ").
+            output_hidden_states (`bool`): also return every layer's states (`vision_hidden_states`,
+                `decoder_hidden_states`).
+            output_attentions (`bool`, *optional*): refused when true: attention weights are not returned.
         """
+        refuse_attention_weights(output_attentions, type(self).__name__)
         check_batch_sizes(pixel_values, input_ids)
-        image_embeds = self.vision_model(pixel_values).last_hidden_state
+        vision_output = self.vision_model(pixel_values, output_hidden_states=output_hidden_states)
+        image_embeds = vision_output.last_hidden_state
         decoder_input_ids = replace_first_token(input_ids, self.config.text_config.decoder_bos_token_id)
         outputs = self.text_decoder(
-            decoder_input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds
+            decoder_input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            output_hidden_states=output_hidden_states,
         )
         loss = None
         if labels is not None:
-            targets = labels.masked_fill(labels == self.config.text_config.pad_token_id, -100)
+            targets = mask_padding(labels, self.config.text_config.pad_token_id)
             targets[:, : prompt_length + 1] = -100  # `[DEC]` and the prompt are given, not predicted
             loss = language_modeling_loss(outputs.logits, targets, self.config.text_config.label_smoothing)
-        output = BlipCaptionOutput(loss=loss, logits=outputs.logits, image_embeds=image_embeds)
-        return output if return_dict else output.to_tuple()
+        return BlipCaptionOutput(
+            loss=loss,
+            logits=outputs.logits,
+            image_embeds=image_embeds,
+            vision_hidden_states=vision_output.hidden_states,
+            decoder_hidden_states=outputs.hidden_states,
+        )
 
     def _decoder_prompt(
         self, batch_size: int, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, device
@@ -406,7 +535,8 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
 class BlipForImageTextRetrieval(_ItcMixin, BlipPreTrainedModel):
     """Image-text retrieval: ITC features (the unimodal encoders) and the ITM head (the image-grounded encoder)."""
 
-    pipeline_tag = "zero-shot-image-classification"
+    # No pipeline serves ITM; its ITC features are what the hub calls feature extraction.
+    pipeline_tag = "feature-extraction"
     _keys_to_ignore_on_load_missing = [r"^temp$"]  # transformers' layout does not store the temperature
 
     def __init__(self, config: BlipConfig):
@@ -422,54 +552,71 @@ class BlipForImageTextRetrieval(_ItcMixin, BlipPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.text_encoder.get_input_embeddings()
 
+    @deprecated_alias("itc_feature(model.vision_proj, image_embeds), or get_image_features(pixel_values)")
     def image_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """Normalised ITC image features (B, embed_dim) from ViT outputs."""
-        return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+        """Deprecated: normalised ITC image features (B, embed_dim) from ViT outputs."""
+        return itc_feature(self.vision_proj, image_embeds)
 
+    @deprecated_alias("get_text_features")
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalised ITC text features (B, embed_dim) from the unimodal text encoder."""
-        text_embeds = self.text_encoder(input_ids, attention_mask=attention_mask, mode="text").last_hidden_state
-        return F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
+        """Deprecated name of `get_text_features`."""
+        return self.get_text_features(input_ids, attention_mask)
 
     def itm_logits(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_embeds: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """ITM logits (B, 2) of texts against images; a text batch may hold several texts per image, grouped."""
-        multimodal_embeds = self.text_encoder(
-            replace_first_token(input_ids, self.config.text_config.encoder_token_id),
-            attention_mask=attention_mask,
-            mode="multimodal",
-            encoder_hidden_states=image_embeds,
+        multimodal_embeds = image_grounded_encoding(
+            self.text_encoder, input_ids, attention_mask, encoder_hidden_states=image_embeds
         ).last_hidden_state
         return self.itm_head(multimodal_embeds[:, 0]), multimodal_embeds
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        return_dict: bool = True,
-        **kwargs,
+        output_hidden_states: bool = False,
+        output_attentions: bool | None = None,
     ) -> BlipRetrievalOutput:
         r"""
         Scores B image-text pairs: ITM logits for each pair and the ITC cosine similarity of every image with every
         text. Texts are ordinary tokenized text: `[ENC]` replaces `[CLS]` for the ITM pass here.
+
+        Args:
+            output_hidden_states (`bool`): also return every layer's states of the ViT and of both text passes.
+            output_attentions (`bool`, *optional*): refused when true: attention weights are not returned.
         """
+        refuse_attention_weights(output_attentions, type(self).__name__)
         check_batch_sizes(pixel_values, input_ids)
-        image_embeds = self.vision_model(pixel_values).last_hidden_state
-        itm_logits, multimodal_embeds = self.itm_logits(input_ids, attention_mask, image_embeds)
-        image_feat = self.image_features(image_embeds)
-        text_feat = self.text_features(input_ids, attention_mask)
-        output = BlipRetrievalOutput(
+        vision_output = self.vision_model(pixel_values, output_hidden_states=output_hidden_states)
+        image_embeds = vision_output.last_hidden_state
+        multimodal_output = image_grounded_encoding(
+            self.text_encoder,
+            input_ids,
+            attention_mask,
+            encoder_hidden_states=image_embeds,
+            output_hidden_states=output_hidden_states,
+        )
+        itm_logits = self.itm_head(multimodal_output.last_hidden_state[:, 0])  # (B, 2)
+        text_output = self.text_encoder(
+            input_ids, attention_mask=attention_mask, mode="text", output_hidden_states=output_hidden_states
+        )
+        image_feat = itc_feature(self.vision_proj, image_embeds)  # (B, E)
+        text_feat = itc_feature(self.text_proj, text_output.last_hidden_state)  # (B, E)
+        return BlipRetrievalOutput(
             itm_logits=itm_logits,
             itm_score=itm_logits.softmax(dim=-1)[:, 1],
             itc_similarity=image_feat @ text_feat.t(),
             image_feat=image_feat,
             text_feat=text_feat,
             image_embeds=image_embeds,
-            multimodal_embeds=multimodal_embeds,
+            multimodal_embeds=multimodal_output.last_hidden_state,
+            vision_hidden_states=vision_output.hidden_states,
+            text_hidden_states=text_output.hidden_states,
+            multimodal_hidden_states=multimodal_output.hidden_states,
         )
-        return output if return_dict else output.to_tuple()
 
 
 class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
@@ -481,6 +628,7 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
 
     pipeline_tasks = ("visual-question-answering",)
     pipeline_tag = "visual-question-answering"
+    generation_defaults = {"max_length": 10, "min_length": 1, "num_beams": 3}
     _tied_weights_keys = {
         "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
         "text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias",
@@ -490,12 +638,9 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.vision_model = BlipVisionModel(config.vision_config)
         self.text_encoder = BlipTextModel(config.text_config)
-        # The answer decoder cross-attends to the question states, so its keys/values read the text width.
-        answer_config = copy.deepcopy(config.text_config)
-        answer_config.encoder_hidden_size = config.text_config.hidden_size
-        self.text_decoder = BlipTextLMHeadModel(answer_config)
+        self.text_decoder = BlipTextLMHeadModel(config.answer_decoder_config())
         self.post_init()
-        self.generation_config = default_generation_config(config, max_length=10, min_length=1, num_beams=3)
+        self.generation_config = default_generation_config(config, **self.generation_defaults)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.text_encoder.get_input_embeddings()
@@ -504,16 +649,29 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(image_embeds (B, 1+N, D_v), question_embeds (B, L_q, D_t)): the question read against its image."""
-        check_batch_sizes(pixel_values, input_ids)
-        image_embeds = self.vision_model(pixel_values).last_hidden_state
-        question_embeds = self.text_encoder(
-            replace_first_token(input_ids, self.config.text_config.encoder_token_id),
-            attention_mask=attention_mask,
-            mode="multimodal",
-            encoder_hidden_states=image_embeds,
-        ).last_hidden_state
-        return image_embeds, question_embeds
+        vision_output, question_output = self._encode_question(input_ids, pixel_values, attention_mask)
+        return vision_output.last_hidden_state, question_output.last_hidden_state
 
+    def _encode_question(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        output_hidden_states: bool = False,
+    ) -> tuple[BaseModelOutputWithPooling, BaseModelOutputWithPastAndCrossAttentions]:
+        """The ViT's output and the image-grounded question encoder's."""
+        check_batch_sizes(pixel_values, input_ids)
+        vision_output = self.vision_model(pixel_values, output_hidden_states=output_hidden_states)
+        question_output = image_grounded_encoding(
+            self.text_encoder,
+            input_ids,
+            attention_mask,
+            encoder_hidden_states=vision_output.last_hidden_state,
+            output_hidden_states=output_hidden_states,
+        )
+        return vision_output, question_output
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -523,8 +681,8 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
         answer_attention_mask: torch.Tensor | None = None,
         answer_weights: torch.Tensor | None = None,
         answer_counts: torch.Tensor | None = None,
-        return_dict: bool = True,
-        **kwargs,
+        output_hidden_states: bool = False,
+        output_attentions: bool | None = None,
     ) -> BlipQuestionAnsweringOutput:
         r"""
         Args:
@@ -534,11 +692,22 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
                 question 0 first, then those of question 1, and so on. With them the loss is computed.
             answer_weights (`torch.FloatTensor` of shape `(A,)`, *optional*): weight of each answer (default 1).
             answer_counts (`torch.LongTensor` of shape `(B,)`, *optional*): answers per question (default 1 each).
+            output_hidden_states (`bool`): also return every layer's states (ViT, question encoder, answer decoder).
+            output_attentions (`bool`, *optional*): refused when true: attention weights are not returned.
         """
-        image_embeds, question_embeds = self.encode_question(input_ids, pixel_values, attention_mask)
+        refuse_attention_weights(output_attentions, type(self).__name__)
+        vision_output, question_output = self._encode_question(
+            input_ids, pixel_values, attention_mask, output_hidden_states
+        )
+        image_embeds, question_embeds = vision_output.last_hidden_state, question_output.last_hidden_state
+        output = BlipQuestionAnsweringOutput(
+            image_embeds=image_embeds,
+            question_embeds=question_embeds,
+            vision_hidden_states=vision_output.hidden_states,
+            question_hidden_states=question_output.hidden_states,
+        )
         if answer_input_ids is None:
-            output = BlipQuestionAnsweringOutput(image_embeds=image_embeds, question_embeds=question_embeds)
-            return output if return_dict else output.to_tuple()
+            return output
 
         batch_size = input_ids.shape[0]
         if answer_counts is None:
@@ -554,20 +723,19 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
         question_states = question_embeds.repeat_interleave(answer_counts, dim=0)  # (A, L_q, D)
         question_mask = attention_mask.repeat_interleave(answer_counts, dim=0) if attention_mask is not None else None
         decoder_input_ids = replace_first_token(answer_input_ids, self.config.text_config.decoder_bos_token_id)
-        targets = decoder_input_ids.masked_fill(decoder_input_ids == self.config.text_config.pad_token_id, -100)
         answer_output = self.text_decoder(
             decoder_input_ids,
             attention_mask=answer_attention_mask,
             encoder_hidden_states=question_states,
             encoder_attention_mask=question_mask,
-            labels=targets,
+            labels=mask_padding(decoder_input_ids, self.config.text_config.pad_token_id),
             reduction="none",
+            output_hidden_states=output_hidden_states,
         )
-        loss = (answer_weights * answer_output.loss).sum() / batch_size
-        output = BlipQuestionAnsweringOutput(
-            loss=loss, logits=answer_output.logits, image_embeds=image_embeds, question_embeds=question_embeds
-        )
-        return output if return_dict else output.to_tuple()
+        output.loss = (answer_weights * answer_output.loss).sum() / batch_size
+        output.logits = answer_output.logits
+        output.answer_hidden_states = answer_output.hidden_states
+        return output
 
     @torch.no_grad()
     def generate(
@@ -633,11 +801,10 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
             candidate_attention_mask[topk_indices.reshape(-1)] if candidate_attention_mask is not None else None
         )
         logits = self.text_decoder(kept_ids, attention_mask=kept_mask, image_key_values=question_key_values).logits
-        targets = kept_ids.masked_fill(kept_ids == self.config.text_config.pad_token_id, -100)
-        token_log_probs = logits[:, :-1].float().log_softmax(dim=-1)  # (B*k, L_a - 1, V)
-        shifted = targets[:, 1:]
-        gathered = token_log_probs.gather(-1, shifted.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        answer_log_probs = (gathered * (shifted != -100)).sum(dim=1).view(num_questions, k)  # (B, k)
+        targets = mask_padding(kept_ids, self.config.text_config.pad_token_id)
+        # Unsmoothed: a ranking wants each answer's true log-likelihood, the negated summed LM loss.
+        answer_nll = language_modeling_loss(logits, targets, label_smoothing=0.0, reduction="none")  # (B*k,)
+        answer_log_probs = -answer_nll.view(num_questions, k)  # (B, k)
         best = answer_log_probs.argmax(dim=1)
         return BlipAnswerRanking(
             answer_index=topk_indices.gather(1, best[:, None]).squeeze(1),
@@ -657,5 +824,7 @@ __all__ = [
     "BlipPreTrainedModel",
     "BlipQuestionAnsweringOutput",
     "BlipRetrievalOutput",
+    "image_grounded_encoding",
+    "itc_feature",
     "replace_first_token",
 ]

@@ -29,6 +29,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import can_return_tuple
 
 from .configuration_blip import BlipTextConfig
 
@@ -70,6 +71,20 @@ class ImageKeyValues:
     @property
     def batch_size(self) -> int:
         return self.key_values[0][0].shape[0]
+
+
+def refuse_attention_weights(output_attentions: bool | None, model_name: str) -> None:
+    """BLIP's attention does not hand its weights back (SDPA never forms them): say so rather than return nothing."""
+    if output_attentions:
+        raise ValueError(
+            f"output_attentions=True is not supported by {model_name}: its attention does not return attention "
+            "weights (SDPA never materialises them). Use output_hidden_states=True for the layers' states."
+        )
+
+
+def mask_padding(token_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """LM targets from token ids (B, L): a copy with every `[PAD]` set to -100, which the loss ignores."""
+    return token_ids.masked_fill(token_ids == pad_token_id, -100)
 
 
 def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -318,6 +333,7 @@ class BlipTextModel(BlipTextPreTrainedModel):
             keep = keep & attention_mask[:, None, None, :key_len].bool()  # (B, 1, Lq, Lk)
         return additive_mask(keep, dtype), False
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -329,8 +345,7 @@ class BlipTextModel(BlipTextPreTrainedModel):
         cache: Cache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool = False,
-        return_dict: bool = True,
-        **kwargs,
+        output_attentions: bool | None = None,
     ) -> BaseModelOutputWithPastAndCrossAttentions:
         r"""
         Args:
@@ -345,7 +360,10 @@ class BlipTextModel(BlipTextPreTrainedModel):
                 place of `encoder_hidden_states` (generation computes them once per image).
             cache (`Cache`, *optional*): self-attention key/value cache of the decoder.
             use_cache (`bool`, *optional*): in decoder mode, create and return a cache when none is given.
+            output_hidden_states (`bool`): also return the embeddings and every layer's output (`hidden_states`).
+            output_attentions (`bool`, *optional*): refused when true: attention weights are not returned.
         """
+        refuse_attention_weights(output_attentions, type(self).__name__)
         if mode not in TEXT_MODES:
             raise ValueError(f"mode must be one of {TEXT_MODES}, got {mode!r}")
         if input_ids is None:
@@ -386,12 +404,11 @@ class BlipTextModel(BlipTextPreTrainedModel):
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
 
-        output = BaseModelOutputWithPastAndCrossAttentions(
+        return BaseModelOutputWithPastAndCrossAttentions(
             last_hidden_state=hidden_states,
             cache=cache,
             hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
         )
-        return output if return_dict else output.to_tuple()
 
 
 class BlipTextPredictionHeadTransform(nn.Module):
@@ -475,6 +492,7 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
         self.cls.predictions.decoder = new_embeddings
         self.cls.predictions.bias = new_embeddings.bias
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -488,8 +506,7 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
         reduction: str = "mean",
         logits_to_keep: int = 0,
         output_hidden_states: bool = False,
-        return_dict: bool = True,
-        **kwargs,
+        output_attentions: bool | None = None,
     ) -> CausalLMOutputWithCrossAttentions:
         r"""
         Args:
@@ -499,6 +516,7 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
             logits_to_keep (`int`): compute logits for the last n positions only (0: all); generation keeps 1.
             Other arguments as [`BlipTextModel.forward`] in `"decoder"` mode.
         """
+        refuse_attention_weights(output_attentions, type(self).__name__)
         if labels is not None:
             use_cache = False
         outputs = self.bert(
@@ -520,10 +538,9 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = language_modeling_loss(logits, labels, self.config.label_smoothing, reduction)
-        output = CausalLMOutputWithCrossAttentions(
+        return CausalLMOutputWithCrossAttentions(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )
-        return output if return_dict else output.to_tuple()
 
 
 __all__ = [
@@ -533,4 +550,6 @@ __all__ = [
     "ImageKeyValues",
     "TEXT_MODES",
     "language_modeling_loss",
+    "mask_padding",
+    "refuse_attention_weights",
 ]

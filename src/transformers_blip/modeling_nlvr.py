@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_blip import BlipConfig, BlipTextConfig
-from .modeling_blip import BlipPreTrainedModel, check_batch_sizes, replace_first_token
-from .modeling_med import BlipTextModel, BlipTextSelfAttention, ImageKeyValues
+from .modeling_blip import BlipPreTrainedModel, check_batch_sizes, image_grounded_encoding
+from .modeling_med import BlipTextModel, BlipTextSelfAttention, ImageKeyValues, refuse_attention_weights
 from .modeling_vision import BlipVisionModel
 
 # Each of a layer's two image attentions, and their projections, starts from the one cross-attention that the other
@@ -45,12 +45,18 @@ class BlipVisualReasoningOutput(ModelOutput):
         logits (`torch.FloatTensor` of shape `(B, 2)`): scores of "false" (0) and "true" (1).
         image_embeds (`torch.FloatTensor` of shape `(B, 2, 1 + N, D_v)`): the ViT's output for each pair.
         multimodal_embeds (`torch.FloatTensor` of shape `(B, L, D_t)`): the text encoder's output.
+        vision_hidden_states (`tuple(torch.FloatTensor)`, *optional*): with `output_hidden_states=True`, the ViT's
+            embeddings and each layer's output, each `(B, 2, 1 + N, D_v)`.
+        multimodal_hidden_states (`tuple(torch.FloatTensor)`, *optional*): the same for the text encoder, each
+            `(B, L, D_t)`.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
     multimodal_embeds: torch.FloatTensor | None = None
+    vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    multimodal_hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 class PairKeyValues(ImageKeyValues):
@@ -143,14 +149,15 @@ class BlipForVisualReasoning(BlipPreTrainedModel):
             [layer.crossattention.project_key_values(left, right) for layer in self.text_encoder.encoder.layer]
         )
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        return_dict: bool = True,
-        **kwargs,
+        output_hidden_states: bool = False,
+        output_attentions: bool | None = None,
     ) -> BlipVisualReasoningOutput:
         r"""
         Args:
@@ -159,7 +166,10 @@ class BlipForVisualReasoning(BlipPreTrainedModel):
             pixel_values (`torch.FloatTensor` of shape `(B, 2, 3, H, W)`): each sentence's left and right image.
             attention_mask (`torch.Tensor` of shape `(B, L)`, *optional*): 1 for tokens to attend to.
             labels (`torch.LongTensor` of shape `(B,)`, *optional*): 1 if the sentence is true of the pair, else 0.
+            output_hidden_states (`bool`): also return every layer's states of the ViT and of the text encoder.
+            output_attentions (`bool`, *optional*): refused when true: attention weights are not returned.
         """
+        refuse_attention_weights(output_attentions, type(self).__name__)
         if pixel_values.ndim != 5 or pixel_values.shape[1] != 2:
             raise ValueError(
                 f"pixel_values must hold a pair of images per sentence, shape (B, 2, 3, H, W); got "
@@ -167,20 +177,33 @@ class BlipForVisualReasoning(BlipPreTrainedModel):
             )
         check_batch_sizes(pixel_values, input_ids)
         batch_size = pixel_values.shape[0]
-        image_embeds = self.vision_model(pixel_values.flatten(0, 1)).last_hidden_state  # (2B, 1 + N, D_v)
-        image_embeds = image_embeds.view(batch_size, 2, *image_embeds.shape[1:])
-        multimodal_embeds = self.text_encoder(
-            replace_first_token(input_ids, self.config.text_config.encoder_token_id),
-            attention_mask=attention_mask,
-            mode="multimodal",
+        vision_output = self.vision_model(pixel_values.flatten(0, 1), output_hidden_states=output_hidden_states)
+
+        def as_pairs(states: torch.Tensor) -> torch.Tensor:
+            return states.view(batch_size, 2, *states.shape[1:])  # (2B, 1 + N, D_v) -> (B, 2, 1 + N, D_v)
+
+        image_embeds = as_pairs(vision_output.last_hidden_state)
+        text_output = image_grounded_encoding(
+            self.text_encoder,
+            input_ids,
+            attention_mask,
             image_key_values=self.pair_key_values(image_embeds),
-        ).last_hidden_state
+            output_hidden_states=output_hidden_states,
+        )
+        multimodal_embeds = text_output.last_hidden_state
         logits = self.cls_head(multimodal_embeds[:, 0])
         loss = F.cross_entropy(logits, labels) if labels is not None else None
-        output = BlipVisualReasoningOutput(
-            loss=loss, logits=logits, image_embeds=image_embeds, multimodal_embeds=multimodal_embeds
+        vision_hidden_states = None
+        if vision_output.hidden_states is not None:
+            vision_hidden_states = tuple(as_pairs(states) for states in vision_output.hidden_states)
+        return BlipVisualReasoningOutput(
+            loss=loss,
+            logits=logits,
+            image_embeds=image_embeds,
+            multimodal_embeds=multimodal_embeds,
+            vision_hidden_states=vision_hidden_states,
+            multimodal_hidden_states=text_output.hidden_states,
         )
-        return output if return_dict else output.to_tuple()
 
 
 __all__ = [

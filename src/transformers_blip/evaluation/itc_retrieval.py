@@ -7,7 +7,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -23,20 +22,20 @@ def itc_features(
     attention_mask: torch.Tensor,
     batch_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised ITC features of images (I, E) and texts (T, E) from the online encoders, in batches."""
+    """Normalised ITC features of images (I, E) and texts (T, E) from the online encoders, in batches (any model with
+    `get_image_features` / `get_text_features`: the feature, retrieval and pretraining heads)."""
     model = unwrap_model(model)
     device = next(model.parameters()).device
-    image_feats, text_feats = [], []
-    for start in range(0, pixel_values.shape[0], batch_size):
-        image_embeds = model.vision_model(pixel_values[start : start + batch_size].to(device)).last_hidden_state
-        image_feats.append(F.normalize(model.vision_proj(image_embeds[:, 0]), dim=-1))
-    for start in range(0, input_ids.shape[0], batch_size):
-        text_embeds = model.text_encoder(
-            input_ids[start : start + batch_size].to(device),
-            attention_mask=attention_mask[start : start + batch_size].to(device),
-            mode="text",
-        ).last_hidden_state
-        text_feats.append(F.normalize(model.text_proj(text_embeds[:, 0]), dim=-1))
+    image_feats = [
+        model.get_image_features(pixel_values[start : start + batch_size].to(device))
+        for start in range(0, pixel_values.shape[0], batch_size)
+    ]
+    text_feats = [
+        model.get_text_features(
+            input_ids[start : start + batch_size].to(device), attention_mask[start : start + batch_size].to(device)
+        )
+        for start in range(0, input_ids.shape[0], batch_size)
+    ]
     return torch.cat(image_feats), torch.cat(text_feats)
 
 
