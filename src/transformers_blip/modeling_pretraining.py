@@ -43,6 +43,7 @@ from .losses import (
     rank_and_world_size,
     same_id_positives,
     sample_hard_negatives,
+    similarity_logits,
 )
 from .modeling_blip import BlipPreTrainedModel, _ItcMixin, check_batch_sizes, replace_first_token
 from .modeling_med import BlipTextLMHeadModel, BlipTextModel
@@ -332,8 +333,10 @@ class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
             else:
                 positives = same_id_positives(query.image_ids, pool.image_ids)  # (B, P)
             # Similarity of the online queries with the momentum features of the candidates, as the original.
-            negative_text_indices = sample_hard_negatives(image_feat @ pool.text_feat.t() / temperature, positives)
-            negative_image_indices = sample_hard_negatives(text_feat @ pool.image_feat.t() / temperature, positives)
+            i2t = similarity_logits(image_feat, pool.text_feat, temperature)  # (B, P), fp32
+            t2i = similarity_logits(text_feat, pool.image_feat, temperature)  # (B, P), fp32
+            negative_text_indices = sample_hard_negatives(i2t, positives)
+            negative_image_indices = sample_hard_negatives(t2i, positives)
 
         encoder_token_id = self.config.text_config.encoder_token_id
         encoder_input_ids = replace_first_token(input_ids, encoder_token_id)
@@ -349,7 +352,7 @@ class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
             encoder_hidden_states=itm_image_embeds,
         ).last_hidden_state  # (3B, L, D)
         itm_logits = self.itm_head(multimodal_embeds[:, 0])  # (3B, 2)
-        loss = F.cross_entropy(itm_logits, itm_labels(batch_size, itm_logits.device))
+        loss = F.cross_entropy(itm_logits.float(), itm_labels(batch_size, itm_logits.device))
         return loss, itm_logits, negative_image_indices, negative_text_indices
 
     def _lm(
