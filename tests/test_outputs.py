@@ -19,7 +19,9 @@ from transformers_blip import (
     BlipTextLMHeadModel,
     BlipTextModel,
 )
+from transformers_blip.evaluation import itc_features
 from transformers_blip.modeling_blip import itc_feature
+from transformers_blip.modeling_pretraining import BlipForPreTraining
 
 LAYERS = 2  # make_config's depth of both towers: hidden states are the embeddings plus one per layer
 
@@ -149,6 +151,19 @@ def test_one_name_for_the_itc_features(config, pixel_values, text_ids):
         assert torch.equal(retrieval.text_features(text_ids), retrieval.get_text_features(text_ids))
     with pytest.warns(FutureWarning, match="image_features is deprecated"):
         assert torch.equal(retrieval.image_features(output.image_embeds), output.image_feat)
+
+
+@torch.no_grad()
+def test_batched_itc_features_of_every_itc_model(config, pixel_values, text_ids):
+    """The retrieval evaluation reads the same features as the models' own methods, whatever its batch size."""
+    config.queue_size = 8
+    for head in (BlipModel, BlipForImageTextRetrieval, BlipForPreTraining):
+        torch.manual_seed(0)
+        model = head(config).eval()
+        mask = torch.ones_like(text_ids)
+        image_feat, text_feat = itc_features(model, pixel_values, text_ids, mask, batch_size=2)
+        assert torch.allclose(image_feat, model.get_image_features(pixel_values), atol=1e-6)
+        assert torch.allclose(text_feat, model.get_text_features(text_ids, mask), atol=1e-6)
 
 
 def test_wide_vit_vqa_config_reloads_to_the_same_shapes(tmp_path):

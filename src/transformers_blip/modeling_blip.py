@@ -51,10 +51,6 @@ def check_batch_sizes(pixel_values: torch.Tensor, input_ids: torch.Tensor) -> No
         )
 
 
-def ones_mask(states: torch.Tensor) -> torch.Tensor:
-    return torch.ones(states.shape[:-1], dtype=torch.long, device=states.device)
-
-
 def refuse_token_types(token_type_ids: torch.Tensor | None) -> None:
     """BERT tokenizers return `token_type_ids`; BLIP's text model has no token types, so only all-zero ids (one
     segment, what a tokenizer gives a single text) mean what the model computes."""
