@@ -73,6 +73,21 @@ def test_heads_return_hidden_states_on_request(config, pixel_values, text_ids, h
 
 
 @torch.no_grad()
+def test_the_configs_output_flags_are_honoured(config, pixel_values, text_ids):
+    """As in transformers: `config.output_hidden_states` is the default; `config.output_attentions` is refused too."""
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(config).eval()
+    model.config.output_hidden_states = True
+    output = model(pixel_values, text_ids)
+    assert len(output.vision_hidden_states) == len(output.decoder_hidden_states) == LAYERS + 1
+    assert model(pixel_values, text_ids, output_hidden_states=False).decoder_hidden_states is None
+    model.set_attn_implementation("eager")
+    model.config.output_attentions = True
+    with pytest.raises(ValueError, match="output_attentions=True is not supported"):
+        model(pixel_values, text_ids)
+
+
+@torch.no_grad()
 def test_feature_model_returns_both_encoders_outputs(config, pixel_values, text_ids):
     torch.manual_seed(0)
     model = BlipModel(config).eval()

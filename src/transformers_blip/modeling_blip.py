@@ -28,9 +28,9 @@ from .modeling_med import (
     BlipTextLMHeadModel,
     BlipTextModel,
     ImageKeyValues,
+    hidden_states_requested,
     language_modeling_loss,
     mask_padding,
-    refuse_attention_weights,
 )
 from .modeling_vision import BlipVisionModel
 
@@ -339,7 +339,7 @@ class BlipModel(_ItcMixin, BlipPreTrainedModel):
         pixel_values: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
     ) -> BlipOutput:
         r"""
@@ -348,11 +348,11 @@ class BlipModel(_ItcMixin, BlipPreTrainedModel):
         Args:
             token_type_ids (`torch.LongTensor` of shape `(B_txt, L)`, *optional*): accepted as a BERT tokenizer
                 returns them (pipeline("zero-shot-image-classification") passes them on); they must be all zero.
-            output_hidden_states (`bool`): also return every layer's states, in `vision_model_output.hidden_states`
-                and `text_model_output.hidden_states`.
+            output_hidden_states (`bool`, *optional*): also return every layer's states, in
+                `vision_model_output.hidden_states` and `text_model_output.hidden_states` (default: the config's).
             output_attentions (`bool`, *optional*): refused when true: attention weights are not returned.
         """
-        refuse_attention_weights(output_attentions, type(self).__name__)
+        output_hidden_states = hidden_states_requested(self, output_hidden_states, output_attentions)
         refuse_token_types(token_type_ids)
         vision_output = self.vision_model(pixel_values, output_hidden_states=output_hidden_states)
         text_output = self.text_encoder(
@@ -442,7 +442,7 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         prompt_length: int = 0,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
     ) -> BlipCaptionOutput:
         r"""
@@ -452,11 +452,11 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
             labels (`torch.LongTensor` of shape `(B, L)`, *optional*): targets aligned with `input_ids`, usually
                 `input_ids` itself. Pads and the first `prompt_length` tokens after `[DEC]` get no loss.
             prompt_length (`int`): number of prompt tokens after `[DEC]` (e.g. 4 for "a picture of ").
-            output_hidden_states (`bool`): also return every layer's states (`vision_hidden_states`,
-                `decoder_hidden_states`).
+            output_hidden_states (`bool`, *optional*): also return every layer's states (`vision_hidden_states`,
+                `decoder_hidden_states`; default: the config's).
             output_attentions (`bool`, *optional*): refused when true: attention weights are not returned.
         """
-        refuse_attention_weights(output_attentions, type(self).__name__)
+        output_hidden_states = hidden_states_requested(self, output_hidden_states, output_attentions)
         check_batch_sizes(pixel_values, input_ids)
         vision_output = self.vision_model(pixel_values, output_hidden_states=output_hidden_states)
         image_embeds = vision_output.last_hidden_state
@@ -573,7 +573,7 @@ class BlipForImageTextRetrieval(_ItcMixin, BlipPreTrainedModel):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
     ) -> BlipRetrievalOutput:
         r"""
@@ -581,10 +581,11 @@ class BlipForImageTextRetrieval(_ItcMixin, BlipPreTrainedModel):
         text. Texts are ordinary tokenized text: `[ENC]` replaces `[CLS]` for the ITM pass here.
 
         Args:
-            output_hidden_states (`bool`): also return every layer's states of the ViT and of both text passes.
+            output_hidden_states (`bool`, *optional*): also return every layer's states of the ViT and of both text
+                passes (default: the config's).
             output_attentions (`bool`, *optional*): refused when true: attention weights are not returned.
         """
-        refuse_attention_weights(output_attentions, type(self).__name__)
+        output_hidden_states = hidden_states_requested(self, output_hidden_states, output_attentions)
         check_batch_sizes(pixel_values, input_ids)
         vision_output = self.vision_model(pixel_values, output_hidden_states=output_hidden_states)
         image_embeds = vision_output.last_hidden_state
@@ -677,7 +678,7 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
         answer_attention_mask: torch.Tensor | None = None,
         answer_weights: torch.Tensor | None = None,
         answer_counts: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
     ) -> BlipQuestionAnsweringOutput:
         r"""
@@ -688,10 +689,11 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
                 question 0 first, then those of question 1, and so on. With them the loss is computed.
             answer_weights (`torch.FloatTensor` of shape `(A,)`, *optional*): weight of each answer (default 1).
             answer_counts (`torch.LongTensor` of shape `(B,)`, *optional*): answers per question (default 1 each).
-            output_hidden_states (`bool`): also return every layer's states (ViT, question encoder, answer decoder).
+            output_hidden_states (`bool`, *optional*): also return every layer's states (ViT, question encoder,
+                answer decoder; default: the config's).
             output_attentions (`bool`, *optional*): refused when true: attention weights are not returned.
         """
-        refuse_attention_weights(output_attentions, type(self).__name__)
+        output_hidden_states = hidden_states_requested(self, output_hidden_states, output_attentions)
         vision_output, question_output = self._encode_question(
             input_ids, pixel_values, attention_mask, output_hidden_states
         )

@@ -82,6 +82,17 @@ def refuse_attention_weights(output_attentions: bool | None, model_name: str) ->
         )
 
 
+def hidden_states_requested(
+    model: PreTrainedModel, output_hidden_states: bool | None, output_attentions: bool | None
+) -> bool:
+    """Whether a call returns hidden states: the argument, else the model config's `output_hidden_states`, as in
+    transformers. Attention weights, asked for by argument or by the config, are refused."""
+    if output_attentions is None:
+        output_attentions = model.config.output_attentions
+    refuse_attention_weights(output_attentions, type(model).__name__)
+    return bool(model.config.output_hidden_states if output_hidden_states is None else output_hidden_states)
+
+
 def mask_padding(token_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
     """LM targets from token ids (B, L): a copy with every `[PAD]` set to -100, which the loss ignores."""
     return token_ids.masked_fill(token_ids == pad_token_id, -100)
@@ -344,7 +355,7 @@ class BlipTextModel(BlipTextPreTrainedModel):
         image_key_values: ImageKeyValues | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
     ) -> BaseModelOutputWithPastAndCrossAttentions:
         r"""
@@ -360,10 +371,11 @@ class BlipTextModel(BlipTextPreTrainedModel):
                 place of `encoder_hidden_states` (generation computes them once per image).
             cache (`Cache`, *optional*): self-attention key/value cache of the decoder.
             use_cache (`bool`, *optional*): in decoder mode, create and return a cache when none is given.
-            output_hidden_states (`bool`): also return the embeddings and every layer's output (`hidden_states`).
+            output_hidden_states (`bool`, *optional*): also return the embeddings and every layer's output
+                (`hidden_states`); defaults to the config's `output_hidden_states`.
             output_attentions (`bool`, *optional*): refused when true: attention weights are not returned.
         """
-        refuse_attention_weights(output_attentions, type(self).__name__)
+        output_hidden_states = hidden_states_requested(self, output_hidden_states, output_attentions)
         if mode not in TEXT_MODES:
             raise ValueError(f"mode must be one of {TEXT_MODES}, got {mode!r}")
         if input_ids is None:
@@ -505,7 +517,7 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         reduction: str = "mean",
         logits_to_keep: int = 0,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
     ) -> CausalLMOutputWithCrossAttentions:
         r"""
@@ -516,7 +528,7 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
             logits_to_keep (`int`): compute logits for the last n positions only (0: all); generation keeps 1.
             Other arguments as [`BlipTextModel.forward`] in `"decoder"` mode.
         """
-        refuse_attention_weights(output_attentions, type(self).__name__)
+        output_hidden_states = hidden_states_requested(self, output_hidden_states, output_attentions)
         if labels is not None:
             use_cache = False
         outputs = self.bert(
@@ -550,6 +562,7 @@ __all__ = [
     "ImageKeyValues",
     "TEXT_MODES",
     "language_modeling_loss",
+    "hidden_states_requested",
     "mask_padding",
     "refuse_attention_weights",
 ]

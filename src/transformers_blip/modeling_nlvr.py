@@ -20,7 +20,7 @@ from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_blip import BlipConfig, BlipTextConfig
 from .modeling_blip import BlipPreTrainedModel, check_batch_sizes, image_grounded_encoding
-from .modeling_med import BlipTextModel, BlipTextSelfAttention, ImageKeyValues, refuse_attention_weights
+from .modeling_med import BlipTextModel, BlipTextSelfAttention, ImageKeyValues, hidden_states_requested
 from .modeling_vision import BlipVisionModel
 
 # Each of a layer's two image attentions, and their projections, starts from the one cross-attention that the other
@@ -156,7 +156,7 @@ class BlipForVisualReasoning(BlipPreTrainedModel):
         pixel_values: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
     ) -> BlipVisualReasoningOutput:
         r"""
@@ -166,10 +166,11 @@ class BlipForVisualReasoning(BlipPreTrainedModel):
             pixel_values (`torch.FloatTensor` of shape `(B, 2, 3, H, W)`): each sentence's left and right image.
             attention_mask (`torch.Tensor` of shape `(B, L)`, *optional*): 1 for tokens to attend to.
             labels (`torch.LongTensor` of shape `(B,)`, *optional*): 1 if the sentence is true of the pair, else 0.
-            output_hidden_states (`bool`): also return every layer's states of the ViT and of the text encoder.
+            output_hidden_states (`bool`, *optional*): also return every layer's states of the ViT and of the text
+                encoder (default: the config's).
             output_attentions (`bool`, *optional*): refused when true: attention weights are not returned.
         """
-        refuse_attention_weights(output_attentions, type(self).__name__)
+        output_hidden_states = hidden_states_requested(self, output_hidden_states, output_attentions)
         if pixel_values.ndim != 5 or pixel_values.shape[1] != 2:
             raise ValueError(
                 f"pixel_values must hold a pair of images per sentence, shape (B, 2, 3, H, W); got "
