@@ -224,9 +224,10 @@ def test_resume_refuses_a_damaged_checkpoint_naming_the_file(run_copy, name, dam
 
 
 def test_a_damaged_manifest_and_a_missing_directory_are_refused(run_copy):
-    (run_copy / "checkpoint-4" / MANIFEST_NAME).write_text('{"format": 1, "files": [')
-    with pytest.raises(CheckpointError, match="damaged"):
-        verify_checkpoint(run_copy / "checkpoint-4")
+    for text in ('{"format": 1, "files": [', '{"format": 1, "files": {"trainer_state.json": {"size": 3}}}', "[]"):
+        (run_copy / "checkpoint-4" / MANIFEST_NAME).write_text(text)
+        with pytest.raises(CheckpointError, match="checkpoint_manifest.json is damaged"):
+            verify_checkpoint(run_copy / "checkpoint-4")
     with pytest.raises(CheckpointError, match="no checkpoint directory"):
         verify_checkpoint(run_copy / "checkpoint-99")
     with pytest.raises(CheckpointError, match="no checkpoint-N directory"):

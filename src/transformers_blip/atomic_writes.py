@@ -27,7 +27,7 @@ PARTIAL_MARK = ".partial-"
 
 def partial_path(target: str | os.PathLike, tag: str | None = None) -> Path:
     """A hidden temporary name beside `target`: `.{name}.partial-{tag}` (a fresh unique tag by default)."""
-    target = Path(target)
+    target = Path(os.path.abspath(target))  # "out/" and "." have a name to put beside them
     tag = tag if tag is not None else f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     return target.with_name(f".{target.name}{PARTIAL_MARK}{tag}")
 
@@ -95,6 +95,7 @@ def write_text_atomically(path: str | os.PathLike, text: str, encoding: str = "u
 
 
 def is_empty_or_absent(directory: str | os.PathLike) -> bool:
+    """Whether `directory` may be written without replacing anything: it does not exist, or is an empty folder."""
     directory = Path(directory)
     return not directory.exists() or (directory.is_dir() and not any(directory.iterdir()))
 

@@ -75,6 +75,9 @@ def _read_manifest(directory: Path) -> dict[str, dict]:
         files = manifest["files"]
         if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
             raise ValueError(f"format {manifest.get('format')!r}")
+        for name, entry in files.items():
+            if not isinstance(entry.get("size"), int) or not isinstance(entry.get("sha256"), str):
+                raise ValueError(f"no size or SHA-256 for {name}")
         return files
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise CheckpointError(f"{path} is damaged ({error}); the checkpoint cannot be trusted") from error
