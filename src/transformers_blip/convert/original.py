@@ -443,7 +443,7 @@ def _plan_tensor(
 
 
 @torch.no_grad()
-def _our_state_dict(state_dict: Mapping[str, torch.Tensor], plan: ConversionPlan) -> dict[str, torch.Tensor]:
+def planned_state_dict(state_dict: Mapping[str, torch.Tensor], plan: ConversionPlan) -> dict[str, torch.Tensor]:
     """The planned tensors under our names, each in storage of its own. One original tensor may fill several of ours
     (the NLVR2 head's two attentions, VQA's question encoder and answer decoder from a pretraining checkpoint whose
     decoder shares the encoder's tensors): shared storage would make `save_pretrained` refuse them and tie them in
@@ -458,7 +458,7 @@ def _our_state_dict(state_dict: Mapping[str, torch.Tensor], plan: ConversionPlan
     return converted
 
 
-def _check_tied_duplicates(state_dict: Mapping[str, torch.Tensor], plan: ConversionPlan, tied: Mapping[str, str]):
+def check_tied_duplicates(state_dict: Mapping[str, torch.Tensor], plan: ConversionPlan, tied: Mapping[str, str]):
     """A tied duplicate is only dropped quietly when it holds the very values of the tensor it is tied to."""
     report = plan.report
     for original_key, our_key in plan.tied_duplicates.items():
@@ -544,9 +544,9 @@ def load_original_checkpoint(
     with torch.device("meta"):
         skeleton = head_class(config)
     plan = plan_conversion(shapes, skeleton, variant)
-    _check_tied_duplicates(state_dict, plan, skeleton.all_tied_weights_keys)
+    check_tied_duplicates(state_dict, plan, skeleton.all_tied_weights_keys)
     with _without_transformers_load_report():
-        model = head_class.from_pretrained(None, config=config, state_dict=_our_state_dict(state_dict, plan))
+        model = head_class.from_pretrained(None, config=config, state_dict=planned_state_dict(state_dict, plan))
     log_report(plan.report)
     return model.eval(), plan.report
 
