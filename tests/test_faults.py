@@ -223,6 +223,14 @@ def test_resume_refuses_a_damaged_checkpoint_naming_the_file(run_copy, name, dam
     assert trainer.state.global_step == 0  # refused before anything was loaded or trained
 
 
+def test_the_best_checkpoint_is_verified_before_it_is_reloaded(run_copy):
+    zero_tail(run_copy / "checkpoint-2" / "model.safetensors")
+    trainer = make_run(run_copy)
+    trainer.state.best_model_checkpoint = str(run_copy / "checkpoint-2")  # as load_best_model_at_end would find it
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
+        trainer._load_best_model()
+
+
 def test_a_damaged_manifest_and_a_missing_directory_are_refused(run_copy):
     for text in ('{"format": 1, "files": [', '{"format": 1, "files": {"trainer_state.json": {"size": 3}}}', "[]"):
         (run_copy / "checkpoint-4" / MANIFEST_NAME).write_text(text)

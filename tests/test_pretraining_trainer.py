@@ -28,6 +28,7 @@ from transformers_blip.training import (
     check_processes_train_together,
     with_caption_lengths,
 )
+from transformers_blip.training.checkpoints import verify_checkpoint
 
 SCRIPT = Path(__file__).parents[1] / "training_scripts" / "pretrain.py"
 
@@ -237,6 +238,7 @@ def test_script_resumes_from_the_newest_complete_checkpoint_and_names_a_damaged_
     state = json.loads((tmp_path / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3]  # step 2 redone
+    verify_checkpoint(weights.parent)  # the damaged checkpoint-2 was replaced by the resumed run's own
 
 
 def load_script():
