@@ -5,6 +5,7 @@
 - `model_sizes`: the tiny, base and large sizes and the pretraining config of each.
 - `data_sources`: the pairs a run trains on, the synthetic benchmark or a real format, by name.
 - `trainer`: `BlipPreTrainingTrainer` and the checks a multi-process launch needs.
+- `checkpoints`: atomic, sealed checkpoints and verified resumes for any Trainer (`VerifiedCheckpointsMixin`).
 - `schedules`: BLIP's learning-rate schedules and optimiser rules (decay on every parameter) for any Trainer.
 - `recipes`: the original's configurations as `--recipe` presets.
 
@@ -13,6 +14,7 @@ release.
 """
 
 from .callbacks import MomentumUpdateCallback, unwrap_model
+from .checkpoints import CheckpointError, VerifiedCheckpointsMixin, latest_complete_checkpoint, verify_checkpoint
 from .collators import DecodingCollator, ImageTextCollator
 from .data_sources import PAIR_COLUMNS, load_pretraining_pairs, with_caption_lengths
 from .model_sizes import MODEL_SIZES, pretraining_config
@@ -47,15 +49,19 @@ __all__ = [
     "BlipLRSchedule",
     "BlipOptimizationMixin",
     "BlipPreTrainingTrainer",
+    "CheckpointError",
     "DecodingCollator",
     "ImageTextCollator",
     "MomentumUpdateCallback",
+    "VerifiedCheckpointsMixin",
     "check_processes_train_together",
+    "latest_complete_checkpoint",
     "load_pretraining_pairs",
     "blip_lr_scheduler",
     "optimizer_steps_per_epoch",
     "parse_with_recipe",
     "pretraining_config",
     "unwrap_model",
+    "verify_checkpoint",
     "with_caption_lengths",
 ]
