@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import EntryNotFoundError
 from transformers import PreTrainedModel
 
 from transformers_blip import (
@@ -63,7 +64,8 @@ def test_push_to_hub_keeps_transformers_signature():
 
 @pytest.fixture
 def fake_hub(monkeypatch):
-    """Replaces the hub calls of an upload; records what they were given and the folder's files."""
+    """Replaces the hub calls of an upload (the repo has no card yet); records what they were given and the
+    folder's files."""
     calls = {}
 
     class Repo:
@@ -81,8 +83,12 @@ def fake_hub(monkeypatch):
         calls["config"] = json.loads((folder / "config.json").read_text())
         return "commit"
 
+    def load_card(repo_id, **kwargs):
+        raise EntryNotFoundError(f"{repo_id} has no README.md")
+
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(ModelCard, "load", load_card)
     return calls
 
 
@@ -119,3 +125,12 @@ def test_push_to_hub_uploads_blips_card_with_transformers_arguments(config, fake
 def test_push_to_hub_refuses_unknown_arguments(config, fake_hub):
     with pytest.raises(TypeError, match="safe_serialisation"):
         BlipModel(config).push_to_hub("blip-features", safe_serialisation=True)
+
+
+def test_push_to_hub_keeps_the_repos_own_card(config, fake_hub, monkeypatch):
+    own_card = ModelCard("---\nlicense: mit\ntags:\n- mine\n---\n\n# My BLIP\n")
+    monkeypatch.setattr(ModelCard, "load", lambda repo_id, **kwargs: own_card)
+    BlipModel(config).push_to_hub("blip-features", tags=["tiny"])
+    metadata = card_metadata(fake_hub["card"])
+    assert "# My BLIP" in fake_hub["card"] and metadata["license"] == "mit"
+    assert {"mine", "tiny"} <= set(metadata["tags"])

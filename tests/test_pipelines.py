@@ -13,7 +13,8 @@ import PIL.Image
 import pytest
 import torch
 from conftest import random_image, tiny_vocab
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import EntryNotFoundError
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -188,6 +189,11 @@ def test_push_to_hub_uploads_everything_with_a_model_card(saved_captioner, monke
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+
+    def load_card(repo_id, **kwargs):  # a new repo: no card yet
+        raise EntryNotFoundError(repo_id)
+
+    monkeypatch.setattr(ModelCard, "load", load_card)
     assert model.push_to_hub("blip-captioner") == "uploaded"
     assert calls["create_repo"] == "blip-captioner"
     assert {"model.safetensors", "config.json", "pipelines.py", "modeling_blip.py", "README.md"} <= calls["files"]

@@ -9,6 +9,7 @@ import tempfile
 from typing import TYPE_CHECKING
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import EntryNotFoundError
 
 from .pipelines import CUSTOM_PIPELINES
 
@@ -104,6 +105,14 @@ def write_hub_files(model: BlipPreTrainedModel, save_directory: str | os.PathLik
     write_model_card(save_directory, type(model).__name__, model.pipeline_tag)
 
 
+def _existing_model_card(repo_id: str, token: bool | str | None) -> ModelCard | None:
+    """The model card of a hub repo, or `None` when it has none (a new repo)."""
+    try:
+        return ModelCard.load(repo_id, token=token)
+    except EntryNotFoundError:
+        return None
+
+
 def upload_to_hub(
     model: BlipPreTrainedModel,
     repo_id: str,
@@ -119,15 +128,19 @@ def upload_to_hub(
 ):
     """Uploads what `save_pretrained` writes, with a model card that names the repo, as one commit.
 
-    The arguments are those of transformers' `PreTrainedModel.push_to_hub`; unlike it, the card is BLIP's (task,
-    usage, license) rather than a generic one.
+    The arguments are those of transformers' `PreTrainedModel.push_to_hub`. As there, a card the repo already has is
+    kept (and given the tags); a repo without one gets BLIP's card (task, usage, license) rather than a generic one.
     """
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     all_tags = list(model.model_tags or []) + [tag for tag in tags or [] if tag not in (model.model_tags or [])]
+    card = _existing_model_card(repo_id, token)
+    if card is None:
+        card = model_card(type(model).__name__, model.pipeline_tag, repo_id, all_tags)
+    else:
+        card.data.tags = (card.data.tags or []) + [tag for tag in all_tags if tag not in (card.data.tags or [])]
     with tempfile.TemporaryDirectory() as work_dir:
         model.save_pretrained(work_dir, max_shard_size=max_shard_size)
-        card = model_card(type(model).__name__, model.pipeline_tag, repo_id, all_tags)
         card.save(os.path.join(work_dir, "README.md"))
         return api.upload_folder(
             repo_id=repo_id,
