@@ -288,8 +288,8 @@ def test_script_trains_two_processes_together_under_accelerate_launch(tmp_path):
     arguments = [
         "--output_dir", str(tmp_path), "--image_size", "32", "--synthetic_num_human", "8", "--synthetic_num_web", "8",
         "--synthetic_num_test", "4", "--vocab_size", "200", "--max_steps", "3", "--per_device_train_batch_size", "4",
-        "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true", "--queue_size", "16",
-        "--itc_global_keys", "true",
+        "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "1",
+        "--disable_tqdm", "true", "--queue_size", "16", "--itc_global_keys", "true",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([*launcher, str(SCRIPT), *arguments], env=env, capture_output=True, text=True, timeout=300)
@@ -303,6 +303,12 @@ def test_script_trains_two_processes_together_under_accelerate_launch(tmp_path):
         if "loss_itc" in entry:  # the loss is the sum of the three means, not scaled by the number of processes
             assert entry["loss"] == pytest.approx(entry["loss_itc"] + entry["loss_itm"] + entry["loss_lm"], abs=2e-3)
     assert result.stdout.count("held_out metrics") == 1  # evaluated and reported by the main process only
+    # Both ranks wrote their RNG state before each checkpoint was sealed; rotation kept the last one (of the final
+    # step, which Trainer saves too), and deleted checkpoint-2 whole.
+    assert sorted(path.name for path in tmp_path.iterdir() if "checkpoint" in path.name) == ["checkpoint-3"]
+    verify_checkpoint(tmp_path / "checkpoint-3")
+    sealed = json.loads((tmp_path / "checkpoint-3" / "checkpoint_manifest.json").read_text())["files"]
+    assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "model.safetensors"} <= sealed.keys()
 
 
 def test_a_launch_that_trainer_would_not_join_is_refused(monkeypatch):
