@@ -103,6 +103,18 @@ def test_feature_model_returns_both_encoders_outputs(config, pixel_values, text_
     assert torch.equal(as_tuple[0], output.logits_per_image) and isinstance(as_tuple[-1], tuple)
 
 
+@torch.no_grad()
+def test_tuples_keep_the_field_order(config, pixel_values, text_ids):
+    """`return_dict=False` gives the set fields in their documented order: the loss first where there is one."""
+    torch.manual_seed(0)
+    model = BlipForQuestionAnswering(config).eval()
+    inputs = head_inputs(BlipForQuestionAnswering, pixel_values, text_ids)
+    output = model(**inputs)
+    assert list(output.keys()) == ["loss", "logits", "image_embeds", "question_embeds"]
+    as_tuple = model(**inputs, return_dict=False)
+    assert torch.equal(as_tuple[0], output.loss) and torch.equal(as_tuple[1], output.logits)
+
+
 ALL_HEADS = [BlipModel, *HIDDEN_STATE_FIELDS]
 
 

@@ -698,14 +698,14 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
             input_ids, pixel_values, attention_mask, output_hidden_states
         )
         image_embeds, question_embeds = vision_output.last_hidden_state, question_output.last_hidden_state
-        output = BlipQuestionAnsweringOutput(
-            image_embeds=image_embeds,
-            question_embeds=question_embeds,
-            vision_hidden_states=vision_output.hidden_states,
-            question_hidden_states=question_output.hidden_states,
-        )
+        encodings = {
+            "image_embeds": image_embeds,
+            "question_embeds": question_embeds,
+            "vision_hidden_states": vision_output.hidden_states,
+            "question_hidden_states": question_output.hidden_states,
+        }
         if answer_input_ids is None:
-            return output
+            return BlipQuestionAnsweringOutput(**encodings)
 
         batch_size = input_ids.shape[0]
         if answer_counts is None:
@@ -730,10 +730,12 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
             reduction="none",
             output_hidden_states=output_hidden_states,
         )
-        output.loss = (answer_weights * answer_output.loss).sum() / batch_size
-        output.logits = answer_output.logits
-        output.answer_hidden_states = answer_output.hidden_states
-        return output
+        return BlipQuestionAnsweringOutput(
+            loss=(answer_weights * answer_output.loss).sum() / batch_size,
+            logits=answer_output.logits,
+            answer_hidden_states=answer_output.hidden_states,
+            **encodings,
+        )
 
     @torch.no_grad()
     def generate(
