@@ -157,6 +157,7 @@ class FinetuneArguments:
     max_words: int = 50
     lr_schedule: str = "epoch_cosine"
     min_lr: float = 0.0
+    weight_decay_all: bool = False
     extra: list[str] = field(default_factory=list)
 
 
@@ -167,7 +168,7 @@ def test_a_recipe_sets_the_originals_values_and_the_command_line_wins():
     )
     assert (finetune.image_size, finetune.prompt, finetune.num_beams) == (384, "a picture of ", 3)
     assert (training.per_device_train_batch_size, training.num_train_epochs) == (32, 5)
-    assert (training.weight_decay, training.max_grad_norm) == (0.05, 0.0)
+    assert (training.weight_decay, training.max_grad_norm, finetune.weight_decay_all) == (0.05, 0.0, True)
     assert training.learning_rate == 2e-5  # given on the command line: wins over the recipe's 1e-5
     with pytest.raises(ValueError, match="unknown recipe"):
         parse_with_recipe(HfArgumentParser((FinetuneArguments, TrainingArguments)), ["--recipe", "nope"])

@@ -10,28 +10,43 @@ retrieval recall at the end. docs/pretraining.md has the paper's recipe for real
         --source caption_json --train_files coco.json vg.json cc3m.json --image_root /data --bf16
     # the same under accelerate (add --config_file for FSDP or DeepSpeed, --num_machines/--machine_rank for nodes)
     accelerate launch --num_processes 8 training_scripts/pretrain.py --model_size base --image_size 224 ...
+    # the paper's recipe, from DeiT and BERT (every value of the preset can still be overridden)
+    torchrun --nproc_per_node 8 training_scripts/pretrain.py --recipe pretrain_base \
+        --vision_model_name_or_path facebook/deit-base-patch16-224 --text_model_name_or_path bert-base-uncased ...
+
+The defaults are the tiny model's, which learns the synthetic benchmark on a CPU in minutes (Trainer's AdamW and
+cosine schedule); `--recipe pretrain_base` or `pretrain_large` sets the original's optimisation and sizes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
 
+from transformers_blip.convert.pretrained_encoders import (
+    PretrainedSourceError,
+    blip_tokenizer_for,
+    load_pretrained_encoders,
+)
 from transformers_blip.data import BlipEvalTransform, BlipTrainTransform, DecodeImages, SkipReport
 from transformers_blip.evaluation import itc_retrieval_recall
 from transformers_blip.modeling_pretraining import BlipForPreTraining
 from transformers_blip.processing_blip import build_tokenizer, text_config_token_kwargs
 from transformers_blip.training import (
     MODEL_SIZES,
+    RECIPES,
+    BlipLRSchedule,
     BlipPreTrainingTrainer,
     DecodingCollator,
     ImageTextCollator,
     check_processes_train_together,
     load_pretraining_pairs,
     optimizer_steps_per_epoch,
+    parse_with_recipe,
     pretraining_config,
     with_caption_lengths,
 )
@@ -71,6 +86,36 @@ class ModelArguments:
     max_length: int = field(
         default=30, metadata={"help": "Tokens per caption: truncated to it, padded to it or to the batch's longest."}
     )
+    max_words: int = field(default=30, metadata={"help": "Words per caption kept by the cleaning (BLIP: 30)."})
+    vision_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Start the ViT from a ViT/DeiT (hub id or directory, transformers' or timm's layout)."},
+    )
+    text_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Start the text encoder and decoder from BERT (hub id or directory); its vocab too."},
+    )
+
+
+@dataclass
+class OptimizationArguments:
+    recipe: str | None = field(
+        default=None, metadata={"help": f"A preset of the original's values: {', '.join(sorted(RECIPES))}."}
+    )
+    lr_schedule: str = field(
+        default="trainer",
+        metadata={
+            "help": "trainer (--lr_scheduler_type), or BLIP's: step_decay_with_warmup (pretraining: --warmup_lr to "
+            "--learning_rate over --warmup_steps, then x --lr_decay_rate per epoch, floor --min_lr) or epoch_cosine."
+        },
+    )
+    min_lr: float = field(default=1e-6, metadata={"help": "Floor (or end) of BLIP's schedules."})
+    warmup_lr: float = field(default=1e-6, metadata={"help": "Where BLIP's pretraining warm-up starts."})
+    lr_decay_rate: float = field(default=0.9, metadata={"help": "BLIP's pretraining decay per epoch."})
+    weight_decay_all: bool = field(
+        default=False,
+        metadata={"help": "Weight decay on biases and norms too, as the original (Trainer exempts them)."},
+    )
 
 
 @dataclass
@@ -96,10 +141,12 @@ class DataArguments:
     )
 
 
-def main() -> None:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+def build_parser() -> HfArgumentParser:
+    parser = HfArgumentParser((ModelArguments, DataArguments, OptimizationArguments, TrainingArguments))
     allow_resume_without_path(parser)
-    # The paper's optimisation (AdamW, lr 3e-4, weight decay 0.05). `remove_unused_columns` is False because the
+    # The tiny run's optimisation: BLIP's peak rate and weight decay under Trainer's AdamW and cosine schedule, which
+    # let the tiny model learn in a thousand steps; `--recipe pretrain_base` sets the original's schedule, decay of
+    # every parameter and no clipping. `remove_unused_columns` is False because the
     # collator reads `image` and `caption`, which the model's forward does not name; True is refused below. Without
     # GPUs `use_cpu` is what lets Trainer join the processes of `torchrun` / `accelerate launch` (gloo).
     parser.set_defaults(
@@ -108,7 +155,12 @@ def main() -> None:
         save_strategy="epoch", report_to="none", remove_unused_columns=False,
         use_cpu=not torch.accelerator.is_available(),
     )  # fmt: skip
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
+    model_args, data_args, optimization_args, training_args = parse_with_recipe(parser)
     if training_args.remove_unused_columns:
         parser.error("--remove_unused_columns must stay False: Trainer would drop the image and caption columns")
     check_processes_train_together(training_args)
@@ -134,16 +186,18 @@ def main() -> None:
     if model_args.use_image_ids and columns is not None and "image_id" not in columns:
         parser.error(f"--use_image_ids needs an image_id column; the {data_args.source} source has {columns}")
 
+    steps_per_epoch = optimizer_steps_per_epoch(train_dataset, training_args)
     if model_args.model_name_or_path:  # a saved pretraining run: its weights, momentum, queues and tokenizer
         model = BlipForPreTraining.from_pretrained(model_args.model_name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     else:
         if model_args.vocab_file:
             tokenizer = build_tokenizer(vocab_file=model_args.vocab_file)
+        elif model_args.text_model_name_or_path:  # BERT's vocabulary, [DEC] and [ENC] added
+            tokenizer = blip_tokenizer_for(model_args.text_model_name_or_path)
         else:
             with skip_report.not_counting():  # a pass over the captions for the vocabulary is not an epoch
                 tokenizer = build_tokenizer(corpus=train_dataset["caption"], vocab_size=model_args.vocab_size)
-        steps_per_epoch = optimizer_steps_per_epoch(train_dataset, training_args)
         config = pretraining_config(
             model_args.model_size,
             model_args.image_size,
@@ -156,6 +210,7 @@ def main() -> None:
             itc_global_keys=model_args.itc_global_keys,
         )
         model = BlipForPreTraining(config)
+        start_from_pretrained_encoders(model, model_args, training_args)
 
     # Images are decoded and augmented (broken ones skipped and counted), texts tokenized, in the DataLoader workers.
     # `--train_sampling_strategy group_by_length` batches captions of similar length and pads them to the longest
@@ -170,6 +225,7 @@ def main() -> None:
         tokenizer,
         image_transform=None,
         max_length=model_args.max_length,
+        max_words=model_args.max_words,
         image_id_column="image_id" if model_args.use_image_ids else None,
         padding="longest" if group_by_length else "max_length",
     )
@@ -181,6 +237,16 @@ def main() -> None:
         data_collator=collator,
         processing_class=tokenizer,
     )
+    trainer.decay_all_parameters = optimization_args.weight_decay_all
+    if optimization_args.lr_schedule != "trainer":
+        trainer.blip_lr_schedule = BlipLRSchedule.for_run(
+            optimization_args.lr_schedule,
+            training_args,
+            steps_per_epoch,
+            min_lr=optimization_args.min_lr,
+            warmup_lr=optimization_args.warmup_lr,
+            decay_rate=optimization_args.lr_decay_rate,
+        )
     try:
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     except CheckpointError as error:  # a damaged or unsealed checkpoint: say which file, not a traceback
@@ -195,6 +261,25 @@ def main() -> None:
         metrics = itc_retrieval_recall(model, held_out, tokenizer, eval_transform, max_length=model_args.max_length)
         trainer.log_metrics("held_out", metrics)
         trainer.save_metrics("held_out", metrics)
+
+
+def start_from_pretrained_encoders(model, model_args: ModelArguments, training_args: TrainingArguments) -> None:
+    """The paper's start: the ViT from ImageNet weights, the text side from BERT; the report saved beside the run."""
+    vision, text = model_args.vision_model_name_or_path, model_args.text_model_name_or_path
+    if vision is None and text is None:
+        return
+    try:
+        report = load_pretrained_encoders(model, vision=vision, text=text)
+    except PretrainedSourceError as error:
+        raise SystemExit(f"error: {error}") from error
+    if report.missing:  # e.g. a 12-layer BERT for a model of another depth: say so rather than train half-random
+        raise SystemExit(
+            f"error: the pretrained encoders do not fill the {model_args.model_size} model:\n{report.summary()}"
+        )
+    if training_args.process_index == 0:
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        with open(os.path.join(training_args.output_dir, "pretrained_encoders_report.json"), "w") as file:
+            json.dump(report.to_dict(), file, indent=1)
 
 
 if __name__ == "__main__":

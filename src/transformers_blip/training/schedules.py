@@ -58,6 +58,21 @@ class BlipLRSchedule:
         if self.kind == "epoch_cosine" and self.num_epochs < 1:
             raise ValueError(f"num_epochs must be at least 1, got {self.num_epochs}")
 
+    @classmethod
+    def for_run(cls, kind: str, args, steps_per_epoch: int, **fields) -> BlipLRSchedule:
+        """The schedule of a Trainer run: `init_lr` is `args.learning_rate`, the warm-up `args.warmup_steps` (a share
+        of the run's steps when below 1, as Trainer reads it), the epochs `args.num_train_epochs`."""
+        num_epochs = max(math.ceil(args.num_train_epochs), 1)
+        total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * num_epochs
+        return cls(
+            kind=kind,
+            steps_per_epoch=steps_per_epoch,
+            init_lr=args.learning_rate,
+            warmup_steps=args.get_warmup_steps(total_steps),
+            num_epochs=num_epochs,
+            **fields,
+        )
+
     def lr(self, step: int) -> float:
         """The learning rate of optimizer step `step` (0 = the first step)."""
         epoch, step_in_epoch = divmod(step, self.steps_per_epoch)

@@ -11,6 +11,7 @@ from transformers import Trainer, TrainingArguments
 
 from .callbacks import MomentumUpdateCallback, unwrap_model
 from .checkpoints import VerifiedCheckpointsMixin
+from .schedules import BlipOptimizationMixin
 
 LOGGED_LOSSES = ("loss_itc", "loss_itm", "loss_lm")
 
@@ -37,11 +38,13 @@ def optimizer_steps_per_epoch(dataset: Dataset | IterableDataset, args: Training
     return max(math.ceil(len(dataset) / samples_per_step), 1)
 
 
-class BlipPreTrainingTrainer(VerifiedCheckpointsMixin, Trainer):
+class BlipPreTrainingTrainer(VerifiedCheckpointsMixin, BlipOptimizationMixin, Trainer):
     """`Trainer` for [`BlipForPreTraining`]: adds the momentum callback and logs each loss, alpha and temperature.
 
     Its checkpoints are atomic and sealed, and a resume verifies them first (`VerifiedCheckpointsMixin`);
-    `resume_from_checkpoint=True` picks the newest complete one.
+    `resume_from_checkpoint=True` picks the newest complete one. BLIP's optimisation is there to turn on
+    (`BlipOptimizationMixin`): set `blip_lr_schedule` for the original's learning rates, and `decay_all_parameters`
+    (off by default here, Trainer's choice) for weight decay on biases and norms too.
 
     The logged `loss_itc`, `loss_itm` and `loss_lm` are means over the micro-batches since the last log and over all
     ranks, like Trainer's own `loss`.
@@ -51,6 +54,8 @@ class BlipPreTrainingTrainer(VerifiedCheckpointsMixin, Trainer):
     the next one read in its place (`empty_batches` counts them). Under several processes a rank cannot pass a batch
     over without leaving the others waiting in the gradient all-reduce, so it stops with an error that says so.
     """
+
+    decay_all_parameters = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
