@@ -18,6 +18,7 @@ from transformers_blip import (
     BlipModel,
     BlipTextLMHeadModel,
     BlipTextModel,
+    BlipVisionModel,
 )
 from transformers_blip.evaluation import itc_features
 from transformers_blip.modeling_blip import itc_feature
@@ -208,3 +209,18 @@ def test_wide_vit_vqa_config_reloads_to_the_same_shapes(tmp_path):
     assert reloaded.config.answer_decoder_config().encoder_hidden_size == 32
     for name, tensor in model.state_dict().items():
         assert reloaded.state_dict()[name].shape == tensor.shape, name
+
+
+def test_vision_and_pretraining_models_refuse_what_they_cannot_do(config, pixel_values, text_ids):
+    vision = BlipVisionModel(config.vision_config).eval()
+    with pytest.raises(ValueError, match="output_attentions=True is not supported by BlipVisionModel"):
+        vision(pixel_values, output_attentions=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        vision(pixel_values, interpolate_pos_encoding=True)
+    assert (
+        len(vision(pixel_values, output_hidden_states=True).hidden_states)
+        == config.vision_config.num_hidden_layers + 1
+    )
+    pretraining = BlipForPreTraining(config)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'labels'"):
+        pretraining(pixel_values=pixel_values, input_ids=text_ids, labels=text_ids)

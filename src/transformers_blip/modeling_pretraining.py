@@ -45,8 +45,15 @@ from .losses import (
     sample_hard_negatives,
     similarity_logits,
 )
-from .modeling_blip import BlipPreTrainedModel, _ItcMixin, check_batch_sizes, replace_first_token
-from .modeling_med import BlipTextLMHeadModel, BlipTextModel
+from .modeling_blip import (
+    BlipPreTrainedModel,
+    _ItcMixin,
+    check_batch_sizes,
+    image_grounded_encoding,
+    itc_feature,
+    replace_first_token,
+)
+from .modeling_med import BlipTextLMHeadModel, BlipTextModel, mask_padding
 from .modeling_vision import BlipVisionModel
 
 # Submodules of the image-grounded decoder that are the text encoder's own: everything but self-attention.
@@ -267,10 +274,8 @@ class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised ITC features (B, E) of the images and texts through the momentum encoders."""
         image_embeds_m = self.vision_model_m(pixel_values).last_hidden_state
-        image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
         text_embeds_m = self.text_encoder_m(input_ids, attention_mask=attention_mask, mode="text").last_hidden_state
-        text_feat_m = F.normalize(self.text_proj_m(text_embeds_m[:, 0]), dim=-1)
-        return image_feat_m, text_feat_m
+        return itc_feature(self.vision_proj_m, image_embeds_m), itc_feature(self.text_proj_m, text_embeds_m)
 
     def _itc(
         self,
@@ -338,18 +343,12 @@ class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
             negative_text_indices = sample_hard_negatives(i2t, positives)
             negative_image_indices = sample_hard_negatives(t2i, positives)
 
-        encoder_token_id = self.config.text_config.encoder_token_id
-        encoder_input_ids = replace_first_token(input_ids, encoder_token_id)
-        negative_text_ids = replace_first_token(pool_input_ids[negative_text_indices], encoder_token_id)
         # Pairs: (text i, image i), (text i, negative image), (negative text, image i).
-        itm_input_ids = torch.cat([encoder_input_ids, encoder_input_ids, negative_text_ids])  # (3B, L)
+        itm_input_ids = torch.cat([input_ids, input_ids, pool_input_ids[negative_text_indices]])  # (3B, L)
         itm_attention_mask = torch.cat([attention_mask, attention_mask, pool_attention_mask[negative_text_indices]])
         itm_image_embeds = torch.cat([image_embeds, pool_image_embeds[negative_image_indices], image_embeds])
-        multimodal_embeds = self.text_encoder(
-            itm_input_ids,
-            attention_mask=itm_attention_mask,
-            mode="multimodal",
-            encoder_hidden_states=itm_image_embeds,
+        multimodal_embeds = image_grounded_encoding(
+            self.text_encoder, itm_input_ids, itm_attention_mask, encoder_hidden_states=itm_image_embeds
         ).last_hidden_state  # (3B, L, D)
         itm_logits = self.itm_head(multimodal_embeds[:, 0])  # (3B, 2)
         loss = F.cross_entropy(itm_logits.float(), itm_labels(batch_size, itm_logits.device))
@@ -361,7 +360,7 @@ class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
         """Label-smoothed captioning loss of the decoder, `[DEC]` first, pads ignored; and its logits (B, L, V)."""
         text_config = self.config.text_config
         decoder_input_ids = replace_first_token(input_ids, text_config.decoder_bos_token_id)
-        targets = decoder_input_ids.masked_fill(decoder_input_ids == text_config.pad_token_id, -100)
+        targets = mask_padding(decoder_input_ids, text_config.pad_token_id)
         output = self.text_decoder(
             decoder_input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds, labels=targets
         )
@@ -375,7 +374,6 @@ class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
         image_ids: torch.Tensor | None = None,
         alpha: float | None = None,
         return_dict: bool = True,
-        **kwargs,
     ) -> BlipForPreTrainingOutput:
         r"""
         Args:
@@ -398,9 +396,9 @@ class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
         batch_sizes = gather_batch_sizes(input_ids.shape[0], input_ids.device)  # every rank's, in rank order
 
         image_embeds = self.vision_model(pixel_values).last_hidden_state  # (B, 1+N, Dv)
-        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)  # (B, E)
+        image_feat = itc_feature(self.vision_proj, image_embeds)  # (B, E)
         text_embeds = self.text_encoder(input_ids, attention_mask=attention_mask, mode="text").last_hidden_state
-        text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)  # (B, E)
+        text_feat = itc_feature(self.text_proj, text_embeds)  # (B, E)
 
         # Momentum features of this rank's pairs and of every rank's (exchanged without gradient, in rank order).
         image_feat_m, text_feat_m = self._momentum_features(pixel_values, input_ids, attention_mask)

@@ -19,6 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_blip import BlipVisionConfig
+from .modeling_med import hidden_states_requested
 
 
 def eager_attention_forward(
@@ -232,14 +233,16 @@ class BlipVisionModel(BlipVisionPreTrainedModel):
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool = True,
-        **kwargs,
     ) -> BaseModelOutputWithPooling:
         r"""
         Returns a `BaseModelOutputWithPooling` whose `last_hidden_state` (B, 1 + N, D) is LayerNormed and whose
-        `pooler_output` (B, D) is its `[CLS]` row.
+        `pooler_output` (B, D) is its `[CLS]` row; `hidden_states` when asked for (or the config says so).
+        `output_attentions=True` is refused: SDPA never forms the attention weights.
         """
+        output_hidden_states = hidden_states_requested(self, output_hidden_states, output_attentions)
         if pixel_values is None:
             raise ValueError("pixel_values is required: a float tensor of shape (batch, 3, height, width)")
         if pixel_values.ndim != 4:
