@@ -45,3 +45,19 @@ def test_moved_name_imports_from_its_old_module(old_module, name, new_module):
 def test_unknown_names_still_raise_attribute_error():
     with pytest.raises(AttributeError):
         importlib.import_module("transformers_blip.data").no_such_loader  # noqa: B018
+
+
+def test_task_head_from_pretraining_keeps_its_loading_info_for_one_release():
+    import torch
+    from conftest import make_config
+
+    from transformers_blip import BlipForConditionalGeneration
+    from transformers_blip.convert.pretraining import task_head_from_pretraining
+    from transformers_blip.modeling_pretraining import BlipForPreTraining
+
+    torch.manual_seed(0)
+    pretraining = BlipForPreTraining(make_config())
+    with pytest.warns(FutureWarning, match="output_report"):
+        head, info = task_head_from_pretraining(BlipForConditionalGeneration, pretraining, output_loading_info=True)
+    assert info == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
+    assert torch.equal(head.text_decoder.cls.predictions.bias, pretraining.text_decoder.cls.predictions.bias)

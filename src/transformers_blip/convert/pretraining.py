@@ -26,6 +26,7 @@ resized bicubically when the head's image size differs (224 -> 384).
 from __future__ import annotations
 
 import os
+import warnings
 
 from ..configuration_blip import BlipConfig
 from ..modeling_blip import BlipPreTrainedModel
@@ -38,7 +39,8 @@ def task_head_from_pretraining(
     pretraining: BlipForPreTraining | str | os.PathLike,
     config: BlipConfig | None = None,
     output_report: bool = False,
-) -> BlipPreTrainedModel | tuple[BlipPreTrainedModel, ConversionReport]:
+    output_loading_info: bool = False,
+) -> BlipPreTrainedModel | tuple[BlipPreTrainedModel, ConversionReport | dict]:
     r"""
     Builds a task head initialised from a pretraining model.
 
@@ -49,6 +51,8 @@ def task_head_from_pretraining(
         config: the head's config, e.g. with a larger `vision_config.image_size`; defaults to the pretraining one.
         output_report: also return the [`ConversionReport`] (checkpoint keys in the original names, as for original
             checkpoints).
+        output_loading_info: deprecated, for one more release: also return the report as the earlier dict of
+            `missing_keys`, `unexpected_keys` and `mismatched_keys`.
 
     Returns:
         The head in eval mode (and the report).
@@ -57,7 +61,17 @@ def task_head_from_pretraining(
         pretraining = BlipForPreTraining.from_pretrained(pretraining)
     config = config if config is not None else BlipConfig.from_dict(pretraining.config.to_dict())
     model, report = load_original_checkpoint(original_state_dict(pretraining), head=model_class, config=config)
+    if output_loading_info:
+        warnings.warn("output_loading_info is deprecated: pass output_report=True", FutureWarning, stacklevel=2)
+        return model, _as_loading_info(report)
     return (model, report) if output_report else model
+
+
+def _as_loading_info(report: ConversionReport) -> dict[str, list[str]]:
+    """The report in the earlier format of `output_loading_info`."""
+    mismatched = [f"{key}: {why}" for key, why in report.dropped_unexpected.items() if why.startswith("shape")]
+    unexpected = [key for key, why in report.dropped_unexpected.items() if not why.startswith("shape")]
+    return {"missing_keys": list(report.missing), "unexpected_keys": unexpected, "mismatched_keys": mismatched}
 
 
 __all__ = ["task_head_from_pretraining"]
