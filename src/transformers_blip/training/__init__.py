@@ -8,6 +8,7 @@
 - `checkpoints`: atomic, sealed checkpoints and verified resumes for any Trainer (`VerifiedCheckpointsMixin`).
 - `schedules`: BLIP's learning-rate schedules and optimiser rules (decay on every parameter) for any Trainer.
 - `recipes`: the original's configurations as `--recipe` presets.
+- `finetuning`: `BlipFineTuningTrainer`, evaluation by the task's metric for the fine-tuning scripts.
 
 The ITC retrieval check moved to `transformers_blip.evaluation`; its names still import from here for one more
 release.
@@ -17,6 +18,7 @@ from .callbacks import MomentumUpdateCallback, unwrap_model
 from .checkpoints import CheckpointError, VerifiedCheckpointsMixin, latest_complete_checkpoint, verify_checkpoint
 from .collators import DecodingCollator, ImageTextCollator
 from .data_sources import PAIR_COLUMNS, load_pretraining_pairs, with_caption_lengths
+from .finetuning import BlipFineTuningTrainer
 from .model_sizes import MODEL_SIZES, pretraining_config
 from .recipes import RECIPES, parse_with_recipe
 from .schedules import BlipLRSchedule, BlipOptimizationMixin, blip_lr_scheduler
@@ -46,6 +48,7 @@ __all__ = [
     "MODEL_SIZES",
     "PAIR_COLUMNS",
     "RECIPES",
+    "BlipFineTuningTrainer",
     "BlipLRSchedule",
     "BlipOptimizationMixin",
     "BlipPreTrainingTrainer",
