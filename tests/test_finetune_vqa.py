@@ -1,0 +1,188 @@
+"""VQA fine-tuning: the script end to end on a tiny synthetic benchmark, the training loss against the original's
+formula written out, the rank inference's two scoring rules against a direct computation."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_config, make_tokenizer, random_image
+from datasets import Dataset
+from safetensors.torch import load_file
+
+from transformers_blip.data import BlipEvalTransform
+from transformers_blip.data.loaders import VG_ANSWER_WEIGHT, vqa_answer_weights
+from transformers_blip.modeling_blip import BlipForQuestionAnswering
+from transformers_blip.training.vqa import (
+    AnswerPredictor,
+    VqaCollator,
+    held_out_split,
+    load_vqa_splits,
+    rank_answers,
+)
+
+SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "finetune_vqa.py"
+SMOOTHING = 0.1  # the original decoder's label smoothing
+
+
+def load_script(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its argument dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_model() -> BlipForQuestionAnswering:
+    torch.manual_seed(0)
+    return BlipForQuestionAnswering(make_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """Two epochs of the script from a saved tiny model: 36 training questions, 12 held out, 9 test questions."""
+    root = tmp_path_factory.mktemp("vqa")
+    tiny_model().save_pretrained(root / "model")
+    make_tokenizer().save_pretrained(root / "model")
+    output = root / "run"
+    load_script(SCRIPT).main(
+        [
+            "--output_dir", str(output), "--model_name_or_path", str(root / "model"), "--image_size", "32",
+            "--synthetic_num_vqa", "48", "--synthetic_num_vqa_test", "9", "--validation_share", "0.25",
+            "--num_train_epochs", "2", "--per_device_train_batch_size", "12", "--learning_rate", "1e-3",
+            "--k_test", "8", "--disable_tqdm", "true", "--randaugment", "false",
+        ]
+    )  # fmt: skip
+    return output
+
+
+def test_the_script_writes_metrics_results_and_one_answer_per_test_question(run):
+    metrics = json.loads((run / "metrics.json").read_text())
+    test = load_vqa_splits("synthetic", synthetic_kwargs={"image_size": 32, "num_vqa": 48, "num_vqa_test": 9})["test"]
+    results = json.loads((run / "vqa_result.json").read_text())
+    assert sorted(entry["question_id"] for entry in results) == sorted(test["question_id"])  # each once
+    assert all(set(entry) == {"question_id", "answer"} and isinstance(entry["answer"], str) for entry in results)
+    assert metrics["test_questions"] == 9 and 0.0 <= metrics["test_accuracy"] <= 100.0
+    assert "| test_accuracy |" in (run / "results.md").read_text()
+
+
+def test_the_best_checkpoint_is_chosen_by_validation_accuracy_and_answers_the_test(run):
+    metrics = json.loads((run / "metrics.json").read_text())
+    state = json.loads((run / "trainer_state.json").read_text())
+    evaluations = [
+        (entry["step"], entry["eval_accuracy"]) for entry in state["log_history"] if "eval_accuracy" in entry
+    ]
+    assert len(evaluations) == 2  # every epoch
+    best_step, best_accuracy = max(evaluations, key=lambda pair: pair[1])  # the first of equals, as Trainer keeps
+    assert metrics["best_checkpoint"].endswith(f"checkpoint-{best_step}")
+    assert metrics["validation_accuracy"] == pytest.approx(best_accuracy)
+    best = load_file(Path(metrics["best_checkpoint"]) / "model.safetensors")
+    final = load_file(run / "model.safetensors")
+    assert all(torch.equal(final[name], tensor) for name, tensor in best.items())  # the test used the best one
+
+
+def token_loss(log_probs: torch.Tensor, target: int) -> torch.Tensor:
+    """Cross entropy of one token under label smoothing: (1 - e) * -log p(target) + e * mean over the vocabulary."""
+    return (1 - SMOOTHING) * -log_probs[target] + SMOOTHING * -log_probs.mean()
+
+
+def answer_loss(model, tokenizer, question: str, answer: str, pixels: torch.Tensor) -> torch.Tensor:
+    """The original's loss of one answer: its tokens' smoothed cross entropies summed, from the decoder's logits."""
+    question_ids = tokenizer([question], return_tensors="pt").input_ids
+    answer_ids = tokenizer([answer], return_tensors="pt").input_ids  # [CLS] answer [SEP]; [DEC] replaces [CLS]
+    logits = model(question_ids, pixels[None], answer_input_ids=answer_ids).logits[0]  # (L_a, V)
+    log_probs = logits.log_softmax(-1)
+    return sum(token_loss(log_probs[i], answer_ids[0, i + 1]) for i in range(answer_ids.shape[1] - 1))
+
+
+def test_the_training_loss_is_the_originals_weighted_answer_loss():
+    """loss = sum over questions and their distinct answers of weight x answer loss, / questions; VQA weights are
+    count / 10, a Visual Genome answer weighs 0.2 (the original's vqa_dataset and blip_vqa)."""
+    model, tokenizer = tiny_model(), make_tokenizer()
+    vqa_answers = ["red"] * 6 + ["blue"] * 3 + ["red square"]
+    questions = [("what colour is the square ?", vqa_answers), ("how many ?", None)]  # None: Visual Genome
+    transform = BlipEvalTransform(32)
+    rows = []
+    for index, (question, answers) in enumerate(questions):
+        unique, weights = vqa_answer_weights(answers) if answers else (["two"], [VG_ANSWER_WEIGHT])
+        rows.append({"image": transform(random_image(index)), "question": question, "unique_answers": unique,
+                     "answer_weights": weights})  # fmt: skip
+    batch = VqaCollator(tokenizer)(rows)
+    loss = model(**batch).loss
+
+    counts = {answer: vqa_answers.count(answer) for answer in set(vqa_answers)}
+    expected = 0.0
+    for row in rows:
+        for answer in row["unique_answers"]:
+            weight = counts[answer] / 10 if row["question"].startswith("what") else 0.2
+            expected = expected + weight * answer_loss(model, tokenizer, row["question"], answer, row["image"])
+    assert loss.item() == pytest.approx((expected / len(rows)).item(), rel=1e-5)
+
+
+CANDIDATES = ["red", "blue", "green square", "yellow", "two", "left"]
+
+
+def candidate_scores(model, tokenizer, question: str, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each candidate's first-token log-probability, log-likelihood and smoothed answer loss, one forward each."""
+    question_ids = tokenizer([question], return_tensors="pt").input_ids
+    scores = {"first": [], "log_likelihood": [], "answer_loss": []}
+    for candidate in CANDIDATES:
+        answer_ids = tokenizer([candidate], return_tensors="pt").input_ids
+        log_probs = model(question_ids, pixels[None], answer_input_ids=answer_ids).logits[0].log_softmax(-1)
+        targets = answer_ids[0, 1:]
+        scores["first"].append(log_probs[0, targets[0]])
+        scores["log_likelihood"].append(sum(log_probs[i, target] for i, target in enumerate(targets)))
+        scores["answer_loss"].append(-sum(token_loss(log_probs[i], target) for i, target in enumerate(targets)))
+    return {name: torch.stack(values) for name, values in scores.items()}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("k", [len(CANDIDATES), 3])
+def test_rank_scores_like_the_original_by_default_and_by_log_likelihood_on_request(k):
+    model, tokenizer = tiny_model(), make_tokenizer()
+    questions = ["what colour is the square ?", "how many ?", "is the circle left ?", "what colour ?"]
+    pixels = torch.stack([BlipEvalTransform(32)(random_image(10 + i)) for i in range(len(questions))])
+    encoded = tokenizer(questions, padding="longest", return_tensors="pt")
+    candidates = tokenizer(CANDIDATES, padding="longest", return_tensors="pt")
+    chosen = {
+        scoring: rank_answers(
+            model, encoded.input_ids, pixels, candidates.input_ids, encoded.attention_mask,
+            candidates.attention_mask, k=k, scoring=scoring,
+        ).tolist()
+        for scoring in ("answer_loss", "log_likelihood")
+    }  # fmt: skip
+    for q, question in enumerate(questions):
+        scores = candidate_scores(model, tokenizer, question, pixels[q])
+        kept = scores["first"].topk(k).indices  # the k most probable first tokens
+        for scoring in ("answer_loss", "log_likelihood"):
+            assert chosen[scoring][q] == kept[scores[scoring][kept].argmax()].item()
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        rank_answers(model, encoded.input_ids, pixels, candidates.input_ids, scoring="probability")
+
+
+def test_generate_and_rank_answer_every_question():
+    model, tokenizer = tiny_model(), make_tokenizer()
+    dataset = Dataset.from_dict(
+        {"image": [random_image(i) for i in range(3)], "question": ["what colour ?"] * 3, "question_id": [7, 8, 9]}
+    )
+    for inference in ("generate", "rank"):
+        predictor = AnswerPredictor(tokenizer, 32, inference, CANDIDATES, k=4, batch_size=2)
+        answers = predictor(model, dataset)
+        assert sorted(answers) == [7, 8, 9] and all(isinstance(answer, str) for answer in answers.values())
+        if inference == "rank":
+            assert set(answers.values()) <= set(CANDIDATES)
+    with pytest.raises(ValueError, match="candidate answer list"):
+        AnswerPredictor(tokenizer, 32, "rank", [])
+
+
+def test_validation_images_are_held_out_whole():
+    dataset = Dataset.from_dict({"image_id": [i // 3 for i in range(30)], "question_id": list(range(30))})
+    train, validation = held_out_split(dataset, 0.2, seed=0, group_column="image_id")
+    assert len(validation) == 6 and len(train) == 24
+    assert not set(train["image_id"]) & set(validation["image_id"])
+    with pytest.raises(ValueError, match="held-out share"):
+        held_out_split(dataset, 1.5, seed=0)

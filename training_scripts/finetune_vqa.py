@@ -1,0 +1,184 @@
+"""Fine-tune BLIP for VQA (`BlipForQuestionAnswering`) as the original's train_vqa.py, with transformers' Trainer.
+
+By default a tiny model learns the synthetic benchmark's VQA split; `--recipe vqa` sets the original's values
+(480 px, 10 epochs, rate 2e-5 on a cosine per epoch, k = 128 ranked candidates). Each epoch is validated by VQA
+accuracy on held-out images (`--validation_share`) or `--validation_files`, the best checkpoint is kept and answers
+the test questions: `vqa_result.json` (the evaluation server's format), `metrics.json`, `results.md`.
+
+    python training_scripts/finetune_vqa.py --output_dir outputs/vqa
+    # the original's data and recipe from a pretraining run, 8 GPUs
+    torchrun --nproc_per_node 8 training_scripts/finetune_vqa.py --recipe vqa --source vqa_json \\
+        --train_files vqa_train.json vqa_val.json vg_qa.json --test_files vqa_test.json \\
+        --answer_list answer_list.json --image_root /data/coco --vg_image_root /data/vg \\
+        --validation_share 0.01 --pretraining_checkpoint outputs/pretrain --bf16
+    accelerate launch --num_processes 8 training_scripts/finetune_vqa.py --recipe vqa ...
+
+Again with --resume_from_checkpoint to go on from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import HfArgumentParser, IntervalStrategy, TrainingArguments
+
+from transformers_blip.data import BlipTrainTransform, DecodeImages, SkipReport
+from transformers_blip.modeling_blip import BlipForQuestionAnswering
+from transformers_blip.training import (
+    RECIPES,
+    BlipFineTuningTrainer,
+    BlipLRSchedule,
+    DecodingCollator,
+    check_processes_train_together,
+    optimizer_steps_per_epoch,
+    parse_with_recipe,
+)
+from transformers_blip.training.checkpoints import CheckpointError, allow_resume_without_path
+from transformers_blip.training.vqa import (
+    RANK_SCORINGS,
+    AnswerPredictor,
+    VqaCollator,
+    answer_accuracy,
+    candidate_answers,
+    has_human_answers,
+    load_vqa_splits,
+    start_task_model,
+    vqa_evaluation,
+    vqa_texts,
+    write_run_summary,
+    write_vqa_results,
+)
+
+
+@dataclass
+class ModelArguments:
+    model_size: str = field(default="tiny", metadata={"help": "Size of a fresh model: tiny, base or large."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "A saved BlipForQuestionAnswering."})
+    pretraining_checkpoint: str | None = field(default=None, metadata={"help": "Start from a pretraining run."})
+    image_size: int = field(default=64, metadata={"help": "Image side (the original fine-tunes VQA at 480)."})
+    vocab_size: int = field(default=30522, metadata={"help": "Most tokens of a fresh model's vocabulary."})
+    max_words: int = field(default=50, metadata={"help": "Words per question kept by the cleaning (BLIP: 50)."})
+
+
+@dataclass
+class InferenceArguments:
+    inference: str = field(default="rank", metadata={"help": "rank (the candidate list) or generate."})
+    k_test: int = field(default=128, metadata={"help": "Candidates scored in full per question."})
+    rank_scoring: str = field(default="answer_loss", metadata={"help": f"One of {RANK_SCORINGS}."})
+    answer_list: str | None = field(default=None, metadata={"help": "BLIP's answer_list.json (default: train's)."})
+    num_beams: int = field(default=3, metadata={"help": "Beams of generate inference."})
+    max_answer_length: int = field(default=10, metadata={"help": "Most tokens of a generated answer."})
+
+
+@dataclass
+class DataArguments:
+    source: str = field(default="synthetic", metadata={"help": "synthetic or vqa_json (BLIP's annotation JSON)."})
+    train_files: list[str] = field(default_factory=list, metadata={"help": "VQA v2 train/val and vg_qa JSON."})
+    validation_files: list[str] = field(default_factory=list, metadata={"help": "Questions to validate on."})
+    test_files: list[str] = field(default_factory=list, metadata={"help": "Questions to answer at the end."})
+    image_root: str | None = field(default=None, metadata={"help": "Root of the COCO image paths."})
+    vg_image_root: str | None = field(default=None, metadata={"help": "Root of the Visual Genome image paths."})
+    validation_share: float = field(default=0.1, metadata={"help": "Training images held out for validation."})
+    synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic benchmark."})
+    synthetic_num_vqa: int = field(default=3000, metadata={"help": "Synthetic training questions."})
+    synthetic_num_vqa_test: int = field(default=600, metadata={"help": "Synthetic test questions."})
+    min_crop_scale: float = field(default=0.5, metadata={"help": "Smallest random crop (BLIP: 0.5)."})
+    randaugment: bool = field(default=True, metadata={"help": "RandAugment (2 operations, magnitude 5)."})
+    strict_data: bool = field(default=False, metadata={"help": "Stop at the first bad record or image."})
+
+
+@dataclass
+class OptimizationArguments:
+    recipe: str | None = field(default=None, metadata={"help": f"A preset: {', '.join(sorted(RECIPES))}."})
+    lr_schedule: str = field(default="trainer", metadata={"help": "trainer or epoch_cosine (the original's)."})
+    min_lr: float = field(default=0.0, metadata={"help": "End of the epoch cosine."})
+    weight_decay_all: bool = field(default=False, metadata={"help": "Decay biases and norms too, as the original."})
+
+
+def build_parser() -> HfArgumentParser:
+    parser = HfArgumentParser(
+        (ModelArguments, InferenceArguments, DataArguments, OptimizationArguments, TrainingArguments)
+    )
+    allow_resume_without_path(parser)
+    # The collator reads the image, question and answer columns, which the model's forward does not name.
+    parser.set_defaults(
+        output_dir="outputs/vqa", learning_rate=2e-4, weight_decay=0.05, num_train_epochs=5,
+        per_device_train_batch_size=32, per_device_eval_batch_size=64, logging_steps=10, eval_strategy="epoch",
+        save_strategy="epoch", metric_for_best_model="accuracy", greater_is_better=True,
+        load_best_model_at_end=True, report_to="none", remove_unused_columns=False,
+        use_cpu=not torch.accelerator.is_available(),
+    )  # fmt: skip
+    return parser
+
+
+def main(args: list[str] | None = None) -> None:
+    parser = build_parser()
+    model_args, inference_args, data_args, optimization_args, training_args = parse_with_recipe(parser, args)
+    check_processes_train_together(training_args)
+    report = SkipReport(log_dir=os.path.join(training_args.output_dir, "skipped"), strict=data_args.strict_data)
+    synthetic = {"seed": data_args.synthetic_seed, "image_size": model_args.image_size}
+    synthetic.update(num_vqa=data_args.synthetic_num_vqa, num_vqa_test=data_args.synthetic_num_vqa_test)
+    try:
+        with training_args.main_process_first(desc="building the dataset"):
+            splits = load_vqa_splits(
+                data_args.source, data_args.train_files, data_args.validation_files, data_args.test_files,
+                data_args.image_root, data_args.vg_image_root, data_args.validation_share, training_args.seed,
+                synthetic, report,
+            )  # fmt: skip
+        candidates = candidate_answers(inference_args.answer_list, splits["train"])
+        model, tokenizer = start_task_model(
+            BlipForQuestionAnswering, model_args.image_size, model_args.model_size, model_args.model_name_or_path,
+            model_args.pretraining_checkpoint, lambda: vqa_texts(splits["train"]), model_args.vocab_size,
+        )  # fmt: skip
+    except (ValueError, OSError) as error:  # a missing file, a bad argument: say which, not a traceback
+        raise SystemExit(f"error: {error}") from error
+    if splits["validation"] is None:  # the original's run: no validation, the last epoch answers the test
+        training_args.eval_strategy, training_args.load_best_model_at_end = IntervalStrategy.NO, False
+
+    predictor = AnswerPredictor(
+        tokenizer, model_args.image_size, inference_args.inference, candidates, inference_args.k_test,
+        inference_args.rank_scoring, training_args.per_device_eval_batch_size,
+        {"num_beams": inference_args.num_beams, "max_length": inference_args.max_answer_length}, report,
+    )  # fmt: skip
+    train_transform = BlipTrainTransform(
+        model_args.image_size, scale=(data_args.min_crop_scale, 1.0), randaugment=data_args.randaugment
+    )
+    decode = DecodeImages(train_transform, text_columns=("question", "unique_answers"), report=report)
+    trainer = BlipFineTuningTrainer(
+        model=model, args=training_args, train_dataset=splits["train"], eval_dataset=splits["validation"],
+        data_collator=DecodingCollator(decode, VqaCollator(tokenizer)), processing_class=tokenizer,
+        task_evaluation=vqa_evaluation(predictor),
+    )  # fmt: skip
+    trainer.decay_all_parameters = optimization_args.weight_decay_all
+    if optimization_args.lr_schedule != "trainer":
+        steps_per_epoch = optimizer_steps_per_epoch(splits["train"], training_args)
+        trainer.blip_lr_schedule = BlipLRSchedule.for_run(
+            optimization_args.lr_schedule, training_args, steps_per_epoch, min_lr=optimization_args.min_lr
+        )
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except CheckpointError as error:
+        raise SystemExit(f"error: {error}") from error
+    trainer.save_model()
+    trainer.save_state()
+    if not trainer.is_world_process_zero():
+        return
+
+    test = splits["test"]
+    predictions = predictor(model.eval(), test)  # the best checkpoint's weights, reloaded by Trainer
+    write_vqa_results(predictions, os.path.join(training_args.output_dir, "vqa_result.json"))
+    metrics = {
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "validation_accuracy": trainer.state.best_metric,
+    }
+    if has_human_answers(test):
+        metrics["test_accuracy"] = answer_accuracy(predictions, test)["accuracy"]
+    metrics.update(test_questions=len(test), inference=inference_args.inference, skipped=len(report))
+    write_run_summary(training_args.output_dir, "VQA fine-tuning", metrics, ["Answers: vqa_result.json."])
+    report.finish(os.path.join(training_args.output_dir, "skipped.jsonl"))
+
+
+if __name__ == "__main__":
+    main()
