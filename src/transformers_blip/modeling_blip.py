@@ -450,14 +450,22 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
             pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): the images.
             input_ids (`torch.LongTensor` of shape `(B, L)`): tokenized captions (`[CLS]` is replaced by `[DEC]`).
             labels (`torch.LongTensor` of shape `(B, L)`, *optional*): targets aligned with `input_ids`, usually
-                `input_ids` itself. Pads and the first `prompt_length` tokens after `[DEC]` get no loss.
-            prompt_length (`int`): number of prompt tokens after `[DEC]` (e.g. 4 for "a picture of ").
+                `input_ids` itself. Pads, `[DEC]` and the `prompt_length` prompt tokens after it get no loss.
+            prompt_length (`int`): number of prompt tokens after `[DEC]`, e.g. 3 for "a picture of " ("a",
+                "picture", "of"; `training.captioning.caption_prompt_length` counts them). The original's
+                `prompt_length` counts `[DEC]` too (4 for that prompt), so it is this value plus one. The model has
+                no tokenizer to count `config.prompt` with: 0 suits texts without a prompt, and the caption
+                fine-tuning collator (`CaptionTrainingCollator`) passes the prompt's count with every batch.
             output_hidden_states (`bool`, *optional*): also return every layer's states (`vision_hidden_states`,
                 `decoder_hidden_states`; default: the config's).
             output_attentions (`bool`, *optional*): refused when true: attention weights are not returned.
         """
         output_hidden_states = hidden_states_requested(self, output_hidden_states, output_attentions)
         check_batch_sizes(pixel_values, input_ids)
+        if not 0 <= prompt_length < input_ids.shape[1]:
+            raise ValueError(
+                f"prompt_length must be in [0, {input_ids.shape[1]}) for these texts, got {prompt_length}"
+            )
         vision_output = self.vision_model(pixel_values, output_hidden_states=output_hidden_states)
         image_embeds = vision_output.last_hidden_state
         decoder_input_ids = replace_first_token(input_ids, self.config.text_config.decoder_bos_token_id)

@@ -1,0 +1,153 @@
+"""Caption fine-tuning: the original's prompt masking and loss, the regularisation of a transformers-layout start, and
+training_scripts/finetune_caption.py end to end on a tiny synthetic benchmark."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import make_config, make_tokenizer
+
+from transformers_blip import BlipConfig, BlipForConditionalGeneration
+from transformers_blip.training.captioning import (
+    CaptionTrainingCollator,
+    caption_prompt_length,
+    result_image_id,
+    training_regularisation,
+)
+
+PROMPT = "a picture of "
+SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "finetune_caption.py"
+
+
+def caption_rows() -> list[dict]:
+    """Rows as the decoding step hands them to the collator: image tensors and raw captions."""
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    captions = ["Red square, left.", "a big blue circle on the right", "green triangle"]
+    return [{"image": image, "caption": caption} for image, caption in zip(images, captions)]
+
+
+def original_prompt_length(tokenizer, prompt: str) -> int:
+    """models/blip.py, BLIP_Decoder: `len(self.tokenizer(self.prompt).input_ids) - 1`."""
+    return len(tokenizer(prompt).input_ids) - 1
+
+
+def original_targets(input_ids: torch.Tensor, tokenizer, prompt: str) -> torch.Tensor:
+    """The original's `decoder_targets`: pads and the first `prompt_length` positions set to -100."""
+    targets = input_ids.masked_fill(input_ids == tokenizer.pad_token_id, -100)
+    targets[:, : original_prompt_length(tokenizer, prompt)] = -100
+    return targets
+
+
+def label_smoothed_nll(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """BertLMHeadModel's loss written from its formula: position t predicts token t + 1; each kept target costs
+    (1 - e) * -log p(target) + e * mean over the vocabulary of -log p(v); the mean over kept targets."""
+    log_probs = logits[:, :-1].log_softmax(dim=-1)  # (B, L-1, V)
+    next_tokens = targets[:, 1:]  # (B, L-1)
+    kept = next_tokens != -100
+    nll = -log_probs.gather(-1, next_tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, L-1)
+    uniform = -log_probs.mean(dim=-1)  # (B, L-1)
+    per_token = (1 - smoothing) * nll + smoothing * uniform
+    return per_token[kept].mean()
+
+
+def test_every_text_starts_with_the_prompt_and_only_dec_and_the_prompt_are_masked():
+    tokenizer = make_tokenizer()
+    batch = CaptionTrainingCollator(tokenizer, PROMPT)(caption_rows())
+    assert batch["prompt_length"] == caption_prompt_length(tokenizer, PROMPT) == 3
+    # The model masks `[DEC]` (in place of [CLS]) and `prompt_length` tokens after it: the original's positions.
+    masked = batch["prompt_length"] + 1
+    assert masked == original_prompt_length(tokenizer, PROMPT) == 4
+    for ids in batch["input_ids"]:
+        assert tokenizer.convert_ids_to_tokens(ids[:masked].tolist()) == ["[CLS]", "a", "picture", "of"]
+    assert tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True) == "a picture of red square left"
+    assert torch.equal(batch["labels"], batch["input_ids"])
+
+
+def test_caption_loss_equals_the_original_formula():
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    config = make_config()
+    config.text_config.label_smoothing = 0.1
+    model = BlipForConditionalGeneration(config).eval()
+    batch = CaptionTrainingCollator(tokenizer, PROMPT)(caption_rows())
+    assert (batch["attention_mask"] == 0).any()  # the texts differ in length: pads are in play
+    with torch.no_grad():
+        output = model(**batch)
+    dec_ids = batch["input_ids"].clone()
+    dec_ids[:, 0] = tokenizer.bos_token_id  # the original puts [DEC] in place of [CLS]
+    targets = original_targets(dec_ids, tokenizer, PROMPT)
+    expected = label_smoothed_nll(output.logits, targets, 0.1)
+    assert output.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # The docstring's former example (4 tokens after [DEC]) also masked the first caption word: a different loss.
+    targets[:, 4] = -100
+    assert output.loss.item() != pytest.approx(label_smoothed_nll(output.logits, targets, 0.1).item(), rel=1e-4)
+
+
+def test_prompt_length_outside_the_text_is_refused():
+    model = BlipForConditionalGeneration(make_config()).eval()
+    ids = torch.tensor([[101, 104, 105, 102]])
+    with pytest.raises(ValueError, match="prompt_length must be in"):
+        model(torch.randn(1, 3, 32, 32), ids, labels=ids, prompt_length=4)
+
+
+def test_a_transformers_layout_start_gets_blip_training_regularisation():
+    hub_config = BlipConfig.from_dict(transformers.BlipConfig().to_dict())
+    assert hub_config.text_config.label_smoothing == 0.0 and hub_config.text_config.hidden_dropout_prob == 0.0
+    message = training_regularisation(hub_config, "transformers")
+    text = hub_config.text_config
+    assert (text.label_smoothing, text.hidden_dropout_prob, text.attention_probs_dropout_prob) == (0.1, 0.1, 0.1)
+    assert "no label smoothing and no dropout" in message
+    chosen = BlipConfig.from_dict(transformers.BlipConfig().to_dict())
+    training_regularisation(chosen, "transformers", label_smoothing=0.0, dropout=0.2)
+    assert (chosen.text_config.label_smoothing, chosen.text_config.hidden_dropout_prob) == (0.0, 0.2)
+    ours = make_config()  # our configs carry their own values: kept
+    assert training_regularisation(ours, "ours") is None and ours.text_config.hidden_dropout_prob == 0.0
+
+
+def test_results_name_coco_images_by_their_coco_id():
+    coco = {"image": {"path": "/data/coco/val2014/COCO_val2014_000000391895.jpg", "bytes": None}, "image_id": 7}
+    assert result_image_id(coco) == 391895
+    assert result_image_id({"image": {"path": None, "bytes": b"png"}, "image_id": 7}) == 7
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("finetune_caption", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script defines them
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_finetune_script_end_to_end(tmp_path):
+    output_dir = tmp_path / "run"
+    metrics = load_script().main(
+        [
+            "--output_dir", str(output_dir), "--image_size", "32", "--synthetic_num_human", "8",
+            "--synthetic_num_val", "3", "--synthetic_num_test", "5", "--num_train_epochs", "3",
+            "--per_device_train_batch_size", "20", "--per_device_eval_batch_size", "5", "--learning_rate", "1e-3",
+            "--logging_steps", "1", "--disable_tqdm", "true", "--vocab_size", "200", "--max_length", "10",
+        ]
+    )  # fmt: skip
+    written = json.loads((output_dir / "metrics.json").read_text())
+    assert written == json.loads(json.dumps(metrics))
+    for split in ("val", "test"):
+        assert {"Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr"} <= set(written[split])
+    # The best checkpoint is the epoch of the highest validation CIDEr (the first such epoch on ties).
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    evaluations = [entry for entry in state["log_history"] if "eval_CIDEr" in entry]
+    assert len(evaluations) == 3
+    best = max(evaluations, key=lambda entry: entry["eval_CIDEr"])
+    assert written["best_checkpoint"].endswith(f"checkpoint-{best['step']}")
+    assert written["val"]["CIDEr"] == best["eval_CIDEr"]
+    # The COCO results format, every test image once.
+    results = json.loads((output_dir / "test_results.json").read_text())
+    assert all(set(entry) == {"image_id", "caption"} and isinstance(entry["caption"], str) for entry in results)
+    test_ids = sorted(entry["image_id"] for entry in results)
+    assert len(test_ids) == 5 and len(set(test_ids)) == 5
+    assert "| test |" in (output_dir / "results.md").read_text()

@@ -1,0 +1,233 @@
+"""Fine-tune BLIP for captioning with transformers' Trainer, as the original's train_caption.py.
+
+Every epoch the model captions the validation images by beam search and is scored with the COCO metrics; the best
+checkpoint by validation CIDEr is kept and evaluated on the test split. The run writes `metrics.json`, `results.md`
+and `test_results.json` (the COCO results format). By default a tiny model learns the synthetic benchmark from
+scratch; docs/finetuning.md has the paper's recipe on COCO.
+
+    # one process; again with --resume_from_checkpoint to go on from the newest complete checkpoint
+    python training_scripts/finetune_caption.py --output_dir outputs/caption
+    # 8 GPUs, the original's recipe from a pretraining run (or an original .pth with --tokenizer_name_or_path)
+    torchrun --nproc_per_node 8 training_scripts/finetune_caption.py --recipe coco_caption \\
+        --model_name_or_path outputs/pretrain --source coco_karpathy --image_root /data/coco \\
+        --train_file coco_karpathy_train.json --val_file coco_karpathy_val.json --test_file coco_karpathy_test.json
+    # the same under accelerate
+    accelerate launch --num_processes 8 training_scripts/finetune_caption.py --recipe coco_caption ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.utils import logging
+
+from transformers_blip import BlipForConditionalGeneration
+from transformers_blip.data import BlipEvalTransform, BlipTrainTransform, SkipReport
+from transformers_blip.processing_blip import build_tokenizer, text_config_token_kwargs
+from transformers_blip.training import (
+    MODEL_SIZES,
+    RECIPES,
+    BlipFineTuningTrainer,
+    BlipLRSchedule,
+    check_processes_train_together,
+    optimizer_steps_per_epoch,
+    parse_with_recipe,
+    pretraining_config,
+)
+from transformers_blip.training.captioning import (
+    CaptionEvaluation,
+    CaptionGeneration,
+    caption_training_collator,
+    load_caption_splits,
+    load_captioner,
+    results_markdown,
+    training_regularisation,
+    write_caption_results,
+)
+from transformers_blip.training.checkpoints import CheckpointError, allow_resume_without_path
+
+logger = logging.get_logger("finetune_caption")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A captioner (ours or transformers' layout), a pretraining run, or an original .pth; "
+                  "default: a fresh model of --model_size."},
+    )  # fmt: skip
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Default: beside the weights."})
+    model_size: str = field(default="tiny", metadata={"help": f"Size of a fresh model: {sorted(MODEL_SIZES)}."})
+    image_size: int = field(default=64, metadata={"help": "Image side (the paper fine-tunes at 384)."})
+    vocab_size: int = field(default=30522, metadata={"help": "Most tokens of a fresh model's vocabulary."})
+    label_smoothing: float | None = field(default=None, metadata={"help": "Default: the config's (0.1)."})
+    dropout: float | None = field(default=None, metadata={"help": "Text dropout; default: the config's (0.1)."})
+
+
+@dataclass
+class DataArguments:
+    source: str = field(default="synthetic", metadata={"help": "synthetic or coco_karpathy."})
+    train_file: str | None = field(default=None, metadata={"help": "coco_karpathy_train.json."})
+    val_file: str | None = field(default=None, metadata={"help": "coco_karpathy_val.json."})
+    test_file: str | None = field(default=None, metadata={"help": "coco_karpathy_test.json."})
+    image_root: str | None = field(default=None, metadata={"help": "Root of the files' image paths."})
+    synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic benchmark."})
+    synthetic_num_human: int = field(default=2000, metadata={"help": "Training images (5 captions each)."})
+    synthetic_num_val: int = field(default=200, metadata={"help": "Validation images."})
+    synthetic_num_test: int = field(default=500, metadata={"help": "Test images."})
+    min_crop_scale: float = field(default=0.5, metadata={"help": "Smallest random crop (BLIP: 0.5)."})
+    randaugment: bool = field(default=True, metadata={"help": "RandAugment (2 operations, magnitude 5) as BLIP."})
+    strict_data: bool = field(default=False, metadata={"help": "Stop at the first bad record or image."})
+
+
+@dataclass
+class CaptionArguments:
+    prompt: str = field(default="a picture of ", metadata={"help": "Prepended to every caption, masked in the loss."})
+    max_words: int = field(default=30, metadata={"help": "Words kept per training caption (BLIP: 30)."})
+    num_beams: int = field(default=3, metadata={"help": "Beams of the evaluation's beam search."})
+    max_length: int = field(default=20, metadata={"help": "Most tokens of a generated caption, prompt included."})
+    min_length: int = field(default=5, metadata={"help": "Fewest tokens of a generated caption, prompt included."})
+    eval_meteor: bool = field(default=False, metadata={"help": "METEOR every evaluation too (Java, ~10 s more)."})
+
+
+@dataclass
+class OptimizationArguments:
+    recipe: str | None = field(
+        default=None, metadata={"help": f"The original's values: {', '.join(sorted(RECIPES))}."}
+    )
+    lr_schedule: str = field(default="trainer", metadata={"help": "trainer (--lr_scheduler_type) or epoch_cosine."})
+    min_lr: float = field(default=0.0, metadata={"help": "End of BLIP's cosine."})
+    weight_decay_all: bool = field(default=False, metadata={"help": "Decay biases and norms too, as the original."})
+
+
+def build_parser() -> HfArgumentParser:
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, CaptionArguments, OptimizationArguments, TrainingArguments)
+    )
+    allow_resume_without_path(parser)
+    # The tiny run's optimisation; `--recipe coco_caption` sets the original's. Validation CIDEr every epoch picks
+    # the best checkpoint. The collator reads `image` and `caption`, so Trainer must keep those columns.
+    parser.set_defaults(
+        output_dir="outputs/caption", learning_rate=3e-4, weight_decay=0.05, num_train_epochs=5,
+        per_device_train_batch_size=32, per_device_eval_batch_size=32, logging_steps=10, eval_strategy="epoch",
+        save_strategy="epoch", metric_for_best_model="CIDEr", greater_is_better=True, load_best_model_at_end=True,
+        report_to="none", remove_unused_columns=False, use_cpu=not torch.accelerator.is_available(),
+    )  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    model_args, data_args, caption_args, optimization_args, training_args = parse_with_recipe(parser, argv)
+    if training_args.remove_unused_columns:
+        parser.error("--remove_unused_columns must stay False: Trainer would drop the image and caption columns")
+    check_processes_train_together(training_args)
+    report = SkipReport(log_dir=os.path.join(training_args.output_dir, "skipped"), strict=data_args.strict_data)
+    synthetic_kwargs = {
+        "seed": data_args.synthetic_seed, "image_size": model_args.image_size,
+        "num_human": data_args.synthetic_num_human, "num_val": data_args.synthetic_num_val,
+        "num_test": data_args.synthetic_num_test,
+    }  # fmt: skip
+    with training_args.main_process_first(desc="building the dataset"):
+        train, val, test = load_caption_splits(
+            data_args.source, data_args.train_file, data_args.val_file, data_args.test_file, data_args.image_root,
+            caption_args.max_words, synthetic_kwargs, report=report,
+        )  # fmt: skip
+    model, tokenizer = start_model(model_args, train["caption"], caption_args.prompt)
+
+    train_transform = BlipTrainTransform(
+        model_args.image_size, scale=(data_args.min_crop_scale, 1.0), randaugment=data_args.randaugment
+    )
+    generation = CaptionGeneration(
+        caption_args.prompt, caption_args.num_beams, caption_args.max_length, caption_args.min_length
+    )
+    evaluation = CaptionEvaluation(
+        tokenizer, BlipEvalTransform(model_args.image_size), generation,
+        batch_size=training_args.per_device_eval_batch_size, meteor=caption_args.eval_meteor, report=report,
+    )  # fmt: skip
+    trainer = BlipFineTuningTrainer(
+        model=model, args=training_args, train_dataset=train, eval_dataset=val, processing_class=tokenizer,
+        data_collator=caption_training_collator(
+            tokenizer, train_transform, caption_args.prompt, caption_args.max_words, report
+        ),
+        task_evaluation=evaluation,
+    )  # fmt: skip
+    trainer.decay_all_parameters = optimization_args.weight_decay_all
+    if optimization_args.lr_schedule != "trainer":
+        trainer.blip_lr_schedule = BlipLRSchedule.for_run(
+            optimization_args.lr_schedule, training_args, optimizer_steps_per_epoch(train, training_args),
+            min_lr=optimization_args.min_lr,
+        )  # fmt: skip
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except CheckpointError as error:  # a damaged or unsealed checkpoint: say which file, not a traceback
+        raise SystemExit(f"error: {error}") from error
+    trainer.save_model()  # the best checkpoint's weights, reloaded at the end of training
+    trainer.save_state()
+    test_metrics = trainer.evaluate(test, metric_key_prefix="test")
+    metrics = run_metrics(trainer, test_metrics, generation)
+    if trainer.is_world_process_zero():
+        write_outputs(training_args.output_dir, metrics, evaluation.results)
+        report.finish(os.path.join(training_args.output_dir, "skipped.jsonl"))
+    return metrics
+
+
+def start_model(model_args: ModelArguments, captions: list[str], prompt: str):
+    """The captioner and tokenizer the run starts from, with its training regularisation logged."""
+    if model_args.model_name_or_path is None:
+        if model_args.tokenizer_name_or_path:
+            tokenizer = build_tokenizer(vocab_file=model_args.tokenizer_name_or_path)
+        else:
+            tokenizer = build_tokenizer(
+                corpus=[prompt + caption for caption in captions], vocab_size=model_args.vocab_size
+            )
+        config = pretraining_config(model_args.model_size, model_args.image_size, text_config_token_kwargs(tokenizer))
+        model, start = BlipForConditionalGeneration(config), "fresh"
+    else:
+        try:
+            model, tokenizer, start = load_captioner(
+                model_args.model_name_or_path, model_args.image_size, model_args.tokenizer_name_or_path
+            )
+        except (OSError, ValueError) as error:
+            path = model_args.model_name_or_path
+            raise SystemExit(f"error: cannot start from --model_name_or_path {path}: {error}") from error
+    message = training_regularisation(model.config, start, model_args.label_smoothing, model_args.dropout)
+    if message:
+        logger.warning(message)
+    model.train()
+    return model, tokenizer
+
+
+def run_metrics(trainer: BlipFineTuningTrainer, test_metrics: dict, generation: CaptionGeneration) -> dict:
+    """The best checkpoint, its validation scores (from the log) and the test scores, without Trainer's timings."""
+    best = trainer.state.best_model_checkpoint
+    best_step = int(best.rsplit("-", 1)[1]) if best else None
+    val = {}
+    for entry in trainer.state.log_history:
+        if entry.get("step") == best_step and f"eval_{trainer.args.metric_for_best_model}" in entry:
+            val = {key.removeprefix("eval_"): value for key, value in entry.items() if key.startswith("eval_")}
+    timing = ("runtime", "samples_per_second", "steps_per_second")
+    return {
+        "best_checkpoint": best,
+        "metric_for_best_model": trainer.args.metric_for_best_model,
+        "val": {key: value for key, value in val.items() if key not in timing},
+        "test": {key.removeprefix("test_"): value for key, value in test_metrics.items() if key[5:] not in timing},
+        "generation": asdict(generation),
+    }
+
+
+def write_outputs(output_dir: str, metrics: dict, results: list[dict]) -> None:
+    from transformers_blip.atomic_writes import write_text_atomically
+
+    write_text_atomically(os.path.join(output_dir, "metrics.json"), json.dumps(metrics, indent=1))
+    write_text_atomically(os.path.join(output_dir, "results.md"), results_markdown(metrics))
+    write_caption_results(results, os.path.join(output_dir, "test_results.json"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
