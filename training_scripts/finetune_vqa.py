@@ -125,7 +125,7 @@ def main(args: list[str] | None = None) -> None:
             splits = load_vqa_splits(
                 data_args.source, data_args.train_files, data_args.validation_files, data_args.test_files,
                 data_args.image_root, data_args.vg_image_root, data_args.validation_share, training_args.seed,
-                synthetic, report,
+                synthetic, report, model_args.max_words,
             )  # fmt: skip
         candidates = candidate_answers(inference_args.answer_list, splits["train"])
         model, tokenizer = start_task_model(

@@ -30,7 +30,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from ..atomic_writes import write_text_atomically
 from ..benchmark import build_synthetic_benchmark
 from ..convert.pretraining import task_head_from_pretraining
-from ..data import BlipEvalTransform, DecodeImages, SkipReport, load_vqa, vqa_answer_list
+from ..data import MAX_WORDS, BlipEvalTransform, DecodeImages, SkipReport, load_vqa, vqa_answer_list
 from ..evaluation.vqa_accuracy import vqa_accuracy
 from ..modeling_blip import BlipPreTrainedModel, replace_first_token
 from ..modeling_med import language_modeling_loss, mask_padding
@@ -76,12 +76,14 @@ def load_vqa_splits(
     seed: int = 0,
     synthetic_kwargs: dict[str, Any] | None = None,
     report: SkipReport | None = None,
+    max_words: int = MAX_WORDS["vqa"],
 ) -> dict[str, Dataset | None]:
     """`{"train", "validation", "test"}` of a VQA run; validation is `None` when there is none.
 
     `source="synthetic"` reads the benchmark's `vqa_train` and `vqa_test`; `"vqa_json"` reads BLIP's annotation
     files (`vqa_train.json`, `vqa_val.json`, `vg_qa.json`, ...; `vg_image_root` for the Visual Genome ones). Without
-    validation files, `validation_share` of the training images are held out for validation (0: none).
+    validation files, `validation_share` of the training images are held out for validation (0: none). Questions
+    of the JSON files keep `max_words` words.
     """
     if source == "synthetic":
         benchmark = build_synthetic_benchmark(**_vqa_only(synthetic_kwargs or {}))
@@ -93,7 +95,7 @@ def load_vqa_splits(
             raise ValueError("the vqa_json source needs --image_root, where the COCO image paths start")
 
         def read(files: Sequence[str]) -> Dataset:
-            return load_vqa(list(files), image_root, vg_image_root=vg_image_root, report=report)
+            return load_vqa(list(files), image_root, vg_image_root=vg_image_root, max_words=max_words, report=report)
 
         train, test = read(train_files), read(test_files)
         validation = read(validation_files) if validation_files else None

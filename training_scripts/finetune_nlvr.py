@@ -1,0 +1,164 @@
+"""Fine-tune BLIP for NLVR2 (`BlipForVisualReasoning`) as the original's train_nlvr.py, with transformers' Trainer.
+
+By default a tiny model learns the synthetic benchmark's image pairs; `--recipe nlvr2` sets the original's values
+(384 px, 15 epochs, rate 3e-5 on a cosine per epoch). Each epoch is validated by accuracy on dev
+(`--validation_files`, the original's choice) or on held-out training pairs (`--validation_share`), the best
+checkpoint is kept and classifies the test pairs: `nlvr_result.json`, `metrics.json`, `results.md`.
+
+    python training_scripts/finetune_nlvr.py --output_dir outputs/nlvr
+    # the original's data and recipe from a pretraining run, 8 GPUs
+    torchrun --nproc_per_node 8 training_scripts/finetune_nlvr.py --recipe nlvr2 --source nlvr_json \\
+        --train_files nlvr_train.json --validation_files nlvr_dev.json --test_files nlvr_test.json \\
+        --image_root /data/nlvr2 --pretraining_checkpoint outputs/pretrain --bf16
+    accelerate launch --num_processes 8 training_scripts/finetune_nlvr.py --recipe nlvr2 ...
+
+Again with --resume_from_checkpoint to go on from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import HfArgumentParser, IntervalStrategy, TrainingArguments
+
+from transformers_blip.data import BlipTrainTransform, SkipReport
+from transformers_blip.evaluation.vqa_accuracy import nlvr_accuracy
+from transformers_blip.modeling_nlvr import BlipForVisualReasoning
+from transformers_blip.training import (
+    RECIPES,
+    BlipFineTuningTrainer,
+    BlipLRSchedule,
+    DecodingCollator,
+    check_processes_train_together,
+    optimizer_steps_per_epoch,
+    parse_with_recipe,
+)
+from transformers_blip.training.checkpoints import CheckpointError, allow_resume_without_path
+from transformers_blip.training.nlvr import (
+    NlvrCollator,
+    decode_pairs,
+    load_nlvr_splits,
+    nlvr_evaluation,
+    nlvr_texts,
+    predict_pairs,
+    write_nlvr_results,
+)
+from transformers_blip.training.vqa import start_task_model, write_run_summary
+
+
+@dataclass
+class ModelArguments:
+    model_size: str = field(default="tiny", metadata={"help": "Size of a fresh model: tiny, base or large."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "A saved BlipForVisualReasoning."})
+    pretraining_checkpoint: str | None = field(default=None, metadata={"help": "Start from a pretraining run."})
+    image_size: int = field(default=64, metadata={"help": "Image side (the original fine-tunes NLVR2 at 384)."})
+    vocab_size: int = field(default=30522, metadata={"help": "Most tokens of a fresh model's vocabulary."})
+    max_words: int = field(default=40, metadata={"help": "Words per statement kept by the cleaning (BLIP: 40)."})
+
+
+@dataclass
+class DataArguments:
+    source: str = field(default="synthetic", metadata={"help": "synthetic or nlvr_json (BLIP's NLVR2 JSON)."})
+    train_files: list[str] = field(default_factory=list, metadata={"help": "nlvr_train.json."})
+    validation_files: list[str] = field(default_factory=list, metadata={"help": "nlvr_dev.json."})
+    test_files: list[str] = field(default_factory=list, metadata={"help": "nlvr_test.json."})
+    image_root: str | None = field(default=None, metadata={"help": "Root of the image paths."})
+    validation_share: float = field(default=0.1, metadata={"help": "Training pairs held out without dev files."})
+    synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic benchmark."})
+    synthetic_num_nlvr: int = field(default=1500, metadata={"help": "Synthetic training pairs."})
+    synthetic_num_nlvr_test: int = field(default=375, metadata={"help": "Synthetic test pairs."})
+    min_crop_scale: float = field(default=0.5, metadata={"help": "Smallest random crop (BLIP: 0.5)."})
+    randaugment: bool = field(default=True, metadata={"help": "RandAugment (2 operations, magnitude 5)."})
+    strict_data: bool = field(default=False, metadata={"help": "Stop at the first bad record or image."})
+
+
+@dataclass
+class OptimizationArguments:
+    recipe: str | None = field(default=None, metadata={"help": f"A preset: {', '.join(sorted(RECIPES))}."})
+    lr_schedule: str = field(default="trainer", metadata={"help": "trainer or epoch_cosine (the original's)."})
+    min_lr: float = field(default=0.0, metadata={"help": "End of the epoch cosine."})
+    weight_decay_all: bool = field(default=False, metadata={"help": "Decay biases and norms too, as the original."})
+
+
+def build_parser() -> HfArgumentParser:
+    parser = HfArgumentParser((ModelArguments, DataArguments, OptimizationArguments, TrainingArguments))
+    allow_resume_without_path(parser)
+    # The collator reads the image pair and statement columns, which the model's forward does not name.
+    parser.set_defaults(
+        output_dir="outputs/nlvr", learning_rate=2e-4, weight_decay=0.05, num_train_epochs=5,
+        per_device_train_batch_size=32, per_device_eval_batch_size=64, logging_steps=10, eval_strategy="epoch",
+        save_strategy="epoch", metric_for_best_model="accuracy", greater_is_better=True,
+        load_best_model_at_end=True, report_to="none", remove_unused_columns=False,
+        use_cpu=not torch.accelerator.is_available(),
+    )  # fmt: skip
+    return parser
+
+
+def main(args: list[str] | None = None) -> None:
+    parser = build_parser()
+    model_args, data_args, optimization_args, training_args = parse_with_recipe(parser, args)
+    check_processes_train_together(training_args)
+    report = SkipReport(log_dir=os.path.join(training_args.output_dir, "skipped"), strict=data_args.strict_data)
+    synthetic = {"seed": data_args.synthetic_seed, "image_size": model_args.image_size}
+    synthetic.update(num_nlvr=data_args.synthetic_num_nlvr, num_nlvr_test=data_args.synthetic_num_nlvr_test)
+    try:
+        with training_args.main_process_first(desc="building the dataset"):
+            splits = load_nlvr_splits(
+                data_args.source, data_args.train_files, data_args.validation_files, data_args.test_files,
+                data_args.image_root, data_args.validation_share, training_args.seed, synthetic, report,
+                model_args.max_words,
+            )  # fmt: skip
+        model, tokenizer = start_task_model(
+            BlipForVisualReasoning, model_args.image_size, model_args.model_size, model_args.model_name_or_path,
+            model_args.pretraining_checkpoint, lambda: nlvr_texts(splits["train"]), model_args.vocab_size,
+        )  # fmt: skip
+    except (ValueError, OSError) as error:  # a missing file, a bad argument: say which, not a traceback
+        raise SystemExit(f"error: {error}") from error
+    if splits["validation"] is None:  # no validation: the last epoch classifies the test pairs
+        training_args.eval_strategy, training_args.load_best_model_at_end = IntervalStrategy.NO, False
+
+    # Pairs are mirrored as a whole in the collator; each image is cropped and augmented without a flip of its own.
+    train_transform = BlipTrainTransform(
+        model_args.image_size, scale=(data_args.min_crop_scale, 1.0), allow_flip=False,
+        randaugment=data_args.randaugment,
+    )  # fmt: skip
+    collate = NlvrCollator(tokenizer, train_transform, mirror_probability=0.5)
+    eval_batch_size = training_args.per_device_eval_batch_size
+    trainer = BlipFineTuningTrainer(
+        model=model, args=training_args, train_dataset=splits["train"], eval_dataset=splits["validation"],
+        data_collator=DecodingCollator(decode_pairs(report), collate), processing_class=tokenizer,
+        task_evaluation=nlvr_evaluation(tokenizer, model_args.image_size, eval_batch_size, report),
+    )  # fmt: skip
+    trainer.decay_all_parameters = optimization_args.weight_decay_all
+    if optimization_args.lr_schedule != "trainer":
+        steps_per_epoch = optimizer_steps_per_epoch(splits["train"], training_args)
+        trainer.blip_lr_schedule = BlipLRSchedule.for_run(
+            optimization_args.lr_schedule, training_args, steps_per_epoch, min_lr=optimization_args.min_lr
+        )
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except CheckpointError as error:
+        raise SystemExit(f"error: {error}") from error
+    trainer.save_model()
+    trainer.save_state()
+    if not trainer.is_world_process_zero():
+        return
+
+    test = splits["test"]
+    predictions = predict_pairs(model.eval(), test, tokenizer, model_args.image_size, eval_batch_size, report)
+    write_nlvr_results(predictions, test, os.path.join(training_args.output_dir, "nlvr_result.json"))
+    metrics = {
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "validation_accuracy": trainer.state.best_metric,
+        "test_accuracy": nlvr_accuracy(predictions, test["label"])["accuracy"],
+        "test_pairs": len(test),
+        "skipped": len(report),
+    }
+    write_run_summary(training_args.output_dir, "NLVR2 fine-tuning", metrics, ["Predictions: nlvr_result.json."])
+    report.finish(os.path.join(training_args.output_dir, "skipped.jsonl"))
+
+
+if __name__ == "__main__":
+    main()
