@@ -132,16 +132,16 @@ def main(args: list[str] | None = None) -> None:
             BlipForQuestionAnswering, model_args.image_size, model_args.model_size, model_args.model_name_or_path,
             model_args.pretraining_checkpoint, lambda: vqa_texts(splits["train"]), model_args.vocab_size,
         )  # fmt: skip
+        predictor = AnswerPredictor(
+            tokenizer, model_args.image_size, inference_args.inference, candidates, inference_args.k_test,
+            inference_args.rank_scoring, training_args.per_device_eval_batch_size,
+            {"num_beams": inference_args.num_beams, "max_length": inference_args.max_answer_length}, report,
+        )  # fmt: skip
     except (ValueError, OSError) as error:  # a missing file, a bad argument: say which, not a traceback
         raise SystemExit(f"error: {error}") from error
     if splits["validation"] is None:  # the original's run: no validation, the last epoch answers the test
         training_args.eval_strategy, training_args.load_best_model_at_end = IntervalStrategy.NO, False
 
-    predictor = AnswerPredictor(
-        tokenizer, model_args.image_size, inference_args.inference, candidates, inference_args.k_test,
-        inference_args.rank_scoring, training_args.per_device_eval_batch_size,
-        {"num_beams": inference_args.num_beams, "max_length": inference_args.max_answer_length}, report,
-    )  # fmt: skip
     train_transform = BlipTrainTransform(
         model_args.image_size, scale=(data_args.min_crop_scale, 1.0), randaugment=data_args.randaugment
     )
