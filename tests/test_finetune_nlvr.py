@@ -23,6 +23,18 @@ SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "finetune_nl
 SYNTHETIC = {"image_size": 32, "num_nlvr": 24, "num_nlvr_test": 6}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Torch on one thread for this file's tests: the tiny model's steps run many times faster so on a loaded
+    machine (torchrun does the same), and the thread count is restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def load_script(path: Path):
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
@@ -50,8 +62,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     BlipForVisualReasoning(make_config()).save_pretrained(root / "model")
     make_tokenizer().save_pretrained(root / "model")
     script = load_script(SCRIPT)
-    script.main(script_arguments(root / "run", root / "model"))
     resumed = root / "resumed"
+    script.main(script_arguments(root / "run", root / "model"))
     resumed.mkdir()
     shutil.copytree(root / "run" / "checkpoint-3", resumed / "checkpoint-3")  # as if stopped after epoch 1
     script.main([*script_arguments(resumed, root / "model"), "--resume_from_checkpoint"])

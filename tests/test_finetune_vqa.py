@@ -29,6 +29,18 @@ SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "finetune_vq
 SMOOTHING = 0.1  # the original decoder's label smoothing
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Torch on one thread for this file's tests: the tiny model's steps run many times faster so on a loaded
+    machine (torchrun does the same), and the thread count is restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def load_script(path: Path):
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
