@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,11 +13,13 @@ import pytest
 import torch
 import transformers
 from conftest import make_config, make_tokenizer
+from safetensors.torch import load_file
 
 from transformers_blip import BlipConfig, BlipForConditionalGeneration
 from transformers_blip.training.captioning import (
     CaptionTrainingCollator,
     caption_prompt_length,
+    load_captioner,
     result_image_id,
     training_regularisation,
 )
@@ -124,16 +127,18 @@ def load_script():
     return module
 
 
-def test_finetune_script_end_to_end(tmp_path):
+SCRIPT_ARGS = [
+    "--image_size", "32", "--synthetic_num_human", "8", "--synthetic_num_val", "3", "--synthetic_num_test", "5",
+    "--num_train_epochs", "3", "--per_device_train_batch_size", "20", "--per_device_eval_batch_size", "5",
+    "--learning_rate", "1e-3", "--logging_steps", "1", "--disable_tqdm", "true", "--vocab_size", "200",
+    "--max_length", "10", "--dataloader_num_workers", "1",
+]  # fmt: skip
+
+
+def test_finetune_script_end_to_end_and_resumed(tmp_path):
+    script = load_script()
     output_dir = tmp_path / "run"
-    metrics = load_script().main(
-        [
-            "--output_dir", str(output_dir), "--image_size", "32", "--synthetic_num_human", "8",
-            "--synthetic_num_val", "3", "--synthetic_num_test", "5", "--num_train_epochs", "3",
-            "--per_device_train_batch_size", "20", "--per_device_eval_batch_size", "5", "--learning_rate", "1e-3",
-            "--logging_steps", "1", "--disable_tqdm", "true", "--vocab_size", "200", "--max_length", "10",
-        ]
-    )  # fmt: skip
+    metrics = script.main(["--output_dir", str(output_dir), *SCRIPT_ARGS])
     written = json.loads((output_dir / "metrics.json").read_text())
     assert written == json.loads(json.dumps(metrics))
     for split in ("val", "test"):
@@ -141,7 +146,7 @@ def test_finetune_script_end_to_end(tmp_path):
     # The best checkpoint is the epoch of the highest validation CIDEr (the first such epoch on ties).
     state = json.loads((output_dir / "trainer_state.json").read_text())
     evaluations = [entry for entry in state["log_history"] if "eval_CIDEr" in entry]
-    assert len(evaluations) == 3
+    assert [entry["step"] for entry in evaluations] == [2, 4, 6]  # 40 pairs, 20 a step: every epoch
     best = max(evaluations, key=lambda entry: entry["eval_CIDEr"])
     assert written["best_checkpoint"].endswith(f"checkpoint-{best['step']}")
     assert written["val"]["CIDEr"] == best["eval_CIDEr"]
@@ -151,3 +156,37 @@ def test_finetune_script_end_to_end(tmp_path):
     test_ids = sorted(entry["image_id"] for entry in results)
     assert len(test_ids) == 5 and len(set(test_ids)) == 5
     assert "| test |" in (output_dir / "results.md").read_text()
+
+    # Stopped after epoch 2 and resumed: the last epoch ends on the same weights.
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(output_dir / "checkpoint-4", resumed_dir / "checkpoint-4")
+    script.main(["--output_dir", str(resumed_dir), *SCRIPT_ARGS, "--resume_from_checkpoint"])
+    final, resumed = (load_file(path / "checkpoint-6" / "model.safetensors") for path in (output_dir, resumed_dir))
+    assert final.keys() == resumed.keys()
+    assert all(torch.equal(final[name], resumed[name]) for name in final)
+
+
+def test_load_captioner_tells_the_starts_apart(tmp_path):
+    from transformers_blip.convert.transformers_layout import save_in_transformers_layout
+    from transformers_blip.modeling_pretraining import BlipForPreTraining
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    captioner = BlipForConditionalGeneration(make_config())
+    save_in_transformers_layout(captioner, tmp_path / "hub")
+    captioner.save_pretrained(tmp_path / "ours")
+    BlipForPreTraining(make_config(queue_size=8)).save_pretrained(tmp_path / "pretraining")
+    for name in ("hub", "ours", "pretraining"):
+        tokenizer.save_pretrained(tmp_path / name)
+    starts = {name: load_captioner(str(tmp_path / name), image_size=48) for name in ("hub", "ours", "pretraining")}
+    assert {name: start[2] for name, start in starts.items()} == {
+        "hub": "transformers",
+        "ours": "ours",
+        "pretraining": "pretraining",
+    }
+    hub_model, ours_model = starts["hub"][0], starts["ours"][0]
+    assert torch.equal(hub_model.text_decoder.cls.predictions.bias, ours_model.text_decoder.cls.predictions.bias)
+    assert starts["pretraining"][0].config.vision_config.image_size == 48  # resized for fine-tuning
+    assert starts["hub"][1].bos_token == "[DEC]"
+    with pytest.raises(ValueError, match="holds no tokenizer"):
+        load_captioner(str(tmp_path / "model_base.pth"), image_size=48)

@@ -23,7 +23,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
 from transformers.utils import logging
 
 from transformers_blip import BlipForConditionalGeneration
@@ -49,7 +49,11 @@ from transformers_blip.training.captioning import (
     training_regularisation,
     write_caption_results,
 )
-from transformers_blip.training.checkpoints import CheckpointError, allow_resume_without_path
+from transformers_blip.training.checkpoints import (
+    CheckpointError,
+    allow_resume_without_path,
+    latest_complete_checkpoint,
+)
 
 logger = logging.get_logger("finetune_caption")
 
@@ -111,12 +115,15 @@ def build_parser() -> HfArgumentParser:
     )
     allow_resume_without_path(parser)
     # The tiny run's optimisation; `--recipe coco_caption` sets the original's. Validation CIDEr every epoch picks
-    # the best checkpoint. The collator reads `image` and `caption`, so Trainer must keep those columns.
+    # the best checkpoint. The collator reads `image` and `caption`, so Trainer must keep those columns. Images are
+    # decoded in worker processes, as the original's 4; their random streams restart from seeds that Trainer's
+    # checkpoints restore, which makes a resumed run see the augmentations of an uninterrupted one.
     parser.set_defaults(
         output_dir="outputs/caption", learning_rate=3e-4, weight_decay=0.05, num_train_epochs=5,
         per_device_train_batch_size=32, per_device_eval_batch_size=32, logging_steps=10, eval_strategy="epoch",
         save_strategy="epoch", metric_for_best_model="CIDEr", greater_is_better=True, load_best_model_at_end=True,
-        report_to="none", remove_unused_columns=False, use_cpu=not torch.accelerator.is_available(),
+        report_to="none", remove_unused_columns=False, dataloader_num_workers=4,
+        use_cpu=not torch.accelerator.is_available(),
     )  # fmt: skip
     return parser
 
@@ -138,7 +145,11 @@ def main(argv: list[str] | None = None) -> dict:
             data_args.source, data_args.train_file, data_args.val_file, data_args.test_file, data_args.image_root,
             caption_args.max_words, synthetic_kwargs, report=report,
         )  # fmt: skip
-    model, tokenizer = start_model(model_args, train["caption"], caption_args.prompt)
+    try:
+        resume = checkpoint_to_resume(training_args)
+    except CheckpointError as error:
+        raise SystemExit(f"error: {error}") from error
+    model, tokenizer = start_model(model_args, train["caption"], caption_args.prompt, resume)
 
     train_transform = BlipTrainTransform(
         model_args.image_size, scale=(data_args.min_crop_scale, 1.0), randaugment=data_args.randaugment
@@ -164,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
             min_lr=optimization_args.min_lr,
         )  # fmt: skip
     try:
-        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.train(resume_from_checkpoint=resume)
     except CheckpointError as error:  # a damaged or unsealed checkpoint: say which file, not a traceback
         raise SystemExit(f"error: {error}") from error
     trainer.save_model()  # the best checkpoint's weights, reloaded at the end of training
@@ -177,10 +188,22 @@ def main(argv: list[str] | None = None) -> dict:
     return metrics
 
 
-def start_model(model_args: ModelArguments, captions: list[str], prompt: str):
+def checkpoint_to_resume(training_args: TrainingArguments) -> str | None:
+    """The checkpoint `--resume_from_checkpoint` names; alone, the newest complete one of `output_dir`."""
+    resume = training_args.resume_from_checkpoint
+    if resume in (None, False, "False", ""):
+        return None
+    if resume is True or resume == "True":
+        return latest_complete_checkpoint(training_args.output_dir)
+    return resume
+
+
+def start_model(model_args: ModelArguments, captions: list[str], prompt: str, resume: str | None):
     """The captioner and tokenizer the run starts from, with its training regularisation logged."""
     if model_args.model_name_or_path is None:
-        if model_args.tokenizer_name_or_path:
+        if resume is not None:  # a vocabulary trained anew could number the tokens otherwise: the run's own
+            tokenizer = AutoTokenizer.from_pretrained(resume)
+        elif model_args.tokenizer_name_or_path:
             tokenizer = build_tokenizer(vocab_file=model_args.tokenizer_name_or_path)
         else:
             tokenizer = build_tokenizer(

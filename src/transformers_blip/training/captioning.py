@@ -268,7 +268,8 @@ def load_captioner(
     `"pretraining"` (a saved `BlipForPreTraining`: its decoder, as the original fine-tunes), `"transformers"`
     (transformers' BLIP layout, e.g. the hub's `Salesforce/blip-image-captioning-base`) or `"ours"`.
 
-    The ViT's position embeddings follow `image_size` (224 -> 384). The tokenizer is read from
+    A pretraining run or a `.pth` gets ViT position embeddings resized to `image_size` (224 -> 384); a saved head
+    keeps its own, interpolated as it runs on other sizes. The tokenizer is read from
     `tokenizer_name_or_path`, else from beside the weights (an original `.pth` has none: give the tokenizer).
     """
     from ..convert.original import load_original_checkpoint
