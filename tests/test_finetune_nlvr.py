@@ -121,12 +121,15 @@ def test_a_mirrored_pair_swaps_and_flips_its_images_and_its_sides():
     assert torch.equal(plain["pixel_values"][0, 0], transform(left))
 
 
-def test_the_nlvr2_recipe_sets_the_originals_values_and_bad_input_is_named(tmp_path):
+def test_the_nlvr2_recipe_sets_the_originals_values_and_bad_input_is_named(tmp_path, capsys):
     script = load_script(SCRIPT)
     parsed = script.parse_with_recipe(script.build_parser(), ["--recipe", "nlvr2", "--output_dir", str(tmp_path)])
     model_args, _, optimization_args, training_args = parsed
     assert (model_args.image_size, model_args.max_words) == (384, 40)
     assert (optimization_args.lr_schedule, optimization_args.weight_decay_all) == ("epoch_cosine", True)
     assert (training_args.learning_rate, training_args.num_train_epochs) == (3e-5, 15)
-    with pytest.raises(SystemExit, match="unknown NLVR2 source 'nlvr'"):
+    with pytest.raises(SystemExit):
         script.main(["--output_dir", str(tmp_path), "--source", "nlvr"])
+    assert "invalid choice: 'nlvr'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="needs --train_files, --test_files and --image_root"):
+        script.main(["--output_dir", str(tmp_path), "--source", "nlvr_json"])

@@ -200,7 +200,7 @@ def test_validation_images_are_held_out_whole():
         held_out_split(dataset, 1.5, seed=0)
 
 
-def test_the_vqa_recipe_sets_the_originals_values_and_bad_input_is_named(tmp_path):
+def test_the_vqa_recipe_sets_the_originals_values_and_bad_input_is_named(tmp_path, capsys):
     script = load_script(SCRIPT)
     parsed = script.parse_with_recipe(script.build_parser(), ["--recipe", "vqa", "--output_dir", str(tmp_path)])
     model_args, inference_args, _, optimization_args, training_args = parsed
@@ -208,6 +208,9 @@ def test_the_vqa_recipe_sets_the_originals_values_and_bad_input_is_named(tmp_pat
     assert inference_args.rank_scoring == "answer_loss"  # the original's score unless asked otherwise
     assert (optimization_args.lr_schedule, optimization_args.weight_decay_all) == ("epoch_cosine", True)
     assert (training_args.learning_rate, training_args.num_train_epochs) == (2e-5, 10)
+    with pytest.raises(SystemExit):
+        script.main(["--output_dir", str(tmp_path), "--rank_scoring", "probability"])
+    assert "invalid choice: 'probability'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="needs --train_files and --test_files"):
         script.main(["--output_dir", str(tmp_path), "--source", "vqa_json"])
     missing = tmp_path / "missing.json"

@@ -47,6 +47,8 @@ from transformers_blip.training.nlvr import (
 )
 from transformers_blip.training.vqa import start_task_model, write_run_summary
 
+SOURCES = ("synthetic", "nlvr_json")
+
 
 @dataclass
 class ModelArguments:
@@ -60,7 +62,9 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    source: str = field(default="synthetic", metadata={"help": "synthetic or nlvr_json (BLIP's NLVR2 JSON)."})
+    source: str = field(
+        default="synthetic", metadata={"help": "BLIP's NLVR2 JSON or the benchmark.", "choices": SOURCES}
+    )
     train_files: list[str] = field(default_factory=list, metadata={"help": "nlvr_train.json."})
     validation_files: list[str] = field(default_factory=list, metadata={"help": "nlvr_dev.json."})
     test_files: list[str] = field(default_factory=list, metadata={"help": "nlvr_test.json."})
@@ -77,7 +81,9 @@ class DataArguments:
 @dataclass
 class OptimizationArguments:
     recipe: str | None = field(default=None, metadata={"help": f"A preset: {', '.join(sorted(RECIPES))}."})
-    lr_schedule: str = field(default="trainer", metadata={"help": "trainer or epoch_cosine (the original's)."})
+    lr_schedule: str = field(
+        default="trainer", metadata={"help": "epoch_cosine is the original's.", "choices": ("trainer", "epoch_cosine")}
+    )
     min_lr: float = field(default=0.0, metadata={"help": "End of the epoch cosine."})
     weight_decay_all: bool = field(default=False, metadata={"help": "Decay biases and norms too, as the original."})
 

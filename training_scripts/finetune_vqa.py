@@ -37,6 +37,7 @@ from transformers_blip.training import (
 )
 from transformers_blip.training.checkpoints import CheckpointError, allow_resume_without_path
 from transformers_blip.training.vqa import (
+    INFERENCE_MODES,
     RANK_SCORINGS,
     AnswerPredictor,
     VqaCollator,
@@ -51,6 +52,8 @@ from transformers_blip.training.vqa import (
     write_vqa_results,
 )
 
+SOURCES = ("synthetic", "vqa_json")
+
 
 @dataclass
 class ModelArguments:
@@ -64,9 +67,13 @@ class ModelArguments:
 
 @dataclass
 class InferenceArguments:
-    inference: str = field(default="rank", metadata={"help": "rank (the candidate list) or generate."})
+    inference: str = field(
+        default="rank", metadata={"help": "rank (the candidate list) or generate.", "choices": INFERENCE_MODES}
+    )
     k_test: int = field(default=128, metadata={"help": "Candidates scored in full per question."})
-    rank_scoring: str = field(default="answer_loss", metadata={"help": f"One of {RANK_SCORINGS}."})
+    rank_scoring: str = field(
+        default="answer_loss", metadata={"help": "The rank inference's score.", "choices": RANK_SCORINGS}
+    )
     answer_list: str | None = field(default=None, metadata={"help": "BLIP's answer_list.json (default: train's)."})
     num_beams: int = field(default=3, metadata={"help": "Beams of generate inference."})
     max_answer_length: int = field(default=10, metadata={"help": "Most tokens of a generated answer."})
@@ -74,7 +81,9 @@ class InferenceArguments:
 
 @dataclass
 class DataArguments:
-    source: str = field(default="synthetic", metadata={"help": "synthetic or vqa_json (BLIP's annotation JSON)."})
+    source: str = field(
+        default="synthetic", metadata={"help": "BLIP's annotation JSON or the benchmark.", "choices": SOURCES}
+    )
     train_files: list[str] = field(default_factory=list, metadata={"help": "VQA v2 train/val and vg_qa JSON."})
     validation_files: list[str] = field(default_factory=list, metadata={"help": "Questions to validate on."})
     test_files: list[str] = field(default_factory=list, metadata={"help": "Questions to answer at the end."})
@@ -92,7 +101,9 @@ class DataArguments:
 @dataclass
 class OptimizationArguments:
     recipe: str | None = field(default=None, metadata={"help": f"A preset: {', '.join(sorted(RECIPES))}."})
-    lr_schedule: str = field(default="trainer", metadata={"help": "trainer or epoch_cosine (the original's)."})
+    lr_schedule: str = field(
+        default="trainer", metadata={"help": "epoch_cosine is the original's.", "choices": ("trainer", "epoch_cosine")}
+    )
     min_lr: float = field(default=0.0, metadata={"help": "End of the epoch cosine."})
     weight_decay_all: bool = field(default=False, metadata={"help": "Decay biases and norms too, as the original."})
 
