@@ -17,10 +17,9 @@ scratch; docs/finetuning.md has the paper's recipe on COCO.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
@@ -45,9 +44,9 @@ from transformers_blip.training.captioning import (
     caption_training_collator,
     load_caption_splits,
     load_captioner,
-    results_markdown,
+    run_summary,
     training_regularisation,
-    write_caption_results,
+    write_run_outputs,
 )
 from transformers_blip.training.checkpoints import (
     CheckpointError,
@@ -159,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     evaluation = CaptionEvaluation(
         tokenizer, BlipEvalTransform(model_args.image_size), generation,
-        batch_size=training_args.per_device_eval_batch_size, meteor=caption_args.eval_meteor, report=report,
+        batch_size=training_args.per_device_eval_batch_size, meteor=caption_args.eval_meteor,
+        num_workers=training_args.dataloader_num_workers, report=report,
     )  # fmt: skip
     trainer = BlipFineTuningTrainer(
         model=model, args=training_args, train_dataset=train, eval_dataset=val, processing_class=tokenizer,
@@ -181,9 +181,9 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.save_model()  # the best checkpoint's weights, reloaded at the end of training
     trainer.save_state()
     test_metrics = trainer.evaluate(test, metric_key_prefix="test")
-    metrics = run_metrics(trainer, test_metrics, generation)
+    metrics = run_summary(trainer.state, trainer.args.metric_for_best_model, test_metrics, generation)
     if trainer.is_world_process_zero():
-        write_outputs(training_args.output_dir, metrics, evaluation.results)
+        write_run_outputs(training_args.output_dir, metrics, evaluation.results)
         report.finish(os.path.join(training_args.output_dir, "skipped.jsonl"))
     return metrics
 
@@ -224,32 +224,6 @@ def start_model(model_args: ModelArguments, captions: list[str], prompt: str, re
         logger.warning(message)
     model.train()
     return model, tokenizer
-
-
-def run_metrics(trainer: BlipFineTuningTrainer, test_metrics: dict, generation: CaptionGeneration) -> dict:
-    """The best checkpoint, its validation scores (from the log) and the test scores, without Trainer's timings."""
-    best = trainer.state.best_model_checkpoint
-    best_step = int(best.rsplit("-", 1)[1]) if best else None
-    val = {}
-    for entry in trainer.state.log_history:
-        if entry.get("step") == best_step and f"eval_{trainer.args.metric_for_best_model}" in entry:
-            val = {key.removeprefix("eval_"): value for key, value in entry.items() if key.startswith("eval_")}
-    timing = ("runtime", "samples_per_second", "steps_per_second")
-    return {
-        "best_checkpoint": best,
-        "metric_for_best_model": trainer.args.metric_for_best_model,
-        "val": {key: value for key, value in val.items() if key not in timing},
-        "test": {key.removeprefix("test_"): value for key, value in test_metrics.items() if key[5:] not in timing},
-        "generation": asdict(generation),
-    }
-
-
-def write_outputs(output_dir: str, metrics: dict, results: list[dict]) -> None:
-    from transformers_blip.atomic_writes import write_text_atomically
-
-    write_text_atomically(os.path.join(output_dir, "metrics.json"), json.dumps(metrics, indent=1))
-    write_text_atomically(os.path.join(output_dir, "results.md"), results_markdown(metrics))
-    write_caption_results(results, os.path.join(output_dir, "test_results.json"))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -341,6 +341,42 @@ def results_markdown(metrics: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_TIMINGS = ("runtime", "samples_per_second", "steps_per_second")
+
+
+def _scores(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    """`metrics` of one evaluation without their prefix and without Trainer's timings."""
+    scores = {key.removeprefix(prefix): value for key, value in metrics.items() if key.startswith(prefix)}
+    return {key: value for key, value in scores.items() if key not in _TIMINGS}
+
+
+def run_summary(
+    state: Any, metric_for_best_model: str, test_metrics: dict[str, float], generation: CaptionGeneration
+) -> dict[str, Any]:
+    """What `metrics.json` holds: the best checkpoint, its validation scores (from Trainer's `state.log_history`),
+    the test scores and the generation settings."""
+    best = state.best_model_checkpoint
+    best_step = int(best.rsplit("-", 1)[1]) if best else None
+    val = {}
+    for entry in state.log_history:
+        if entry.get("step") == best_step and f"eval_{metric_for_best_model}" in entry:
+            val = _scores(entry, "eval_")
+    return {
+        "best_checkpoint": best,
+        "metric_for_best_model": metric_for_best_model,
+        "val": val,
+        "test": _scores(test_metrics, "test_"),
+        "generation": asdict(generation),
+    }
+
+
+def write_run_outputs(output_dir: str | os.PathLike, summary: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    """`metrics.json`, `results.md` and the test captions `test_results.json`, each written atomically."""
+    write_text_atomically(os.path.join(output_dir, "metrics.json"), json.dumps(summary, indent=1))
+    write_text_atomically(os.path.join(output_dir, "results.md"), results_markdown(summary))
+    write_caption_results(results, os.path.join(output_dir, "test_results.json"))
+
+
 __all__ = [
     "BLIP_LABEL_SMOOTHING",
     "BLIP_TEXT_DROPOUT",
@@ -353,6 +389,8 @@ __all__ = [
     "load_captioner",
     "result_image_id",
     "results_markdown",
+    "run_summary",
     "training_regularisation",
     "write_caption_results",
+    "write_run_outputs",
 ]
