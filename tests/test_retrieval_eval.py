@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_config, random_image
 from dist_retrieval_eval import K_TEST, make_inputs, make_model
 
-from transformers_blip import BlipModel
+from transformers_blip import BlipForImageTextRetrieval, BlipModel
 from transformers_blip.evaluation import UNRANKED_SCORE, evaluate_retrieval, retrieval_recall, retrieval_scores
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -112,8 +113,6 @@ def test_bad_arguments_are_named(model, inputs):
 
 
 def test_evaluate_retrieval_gives_recall_of_the_re_ranked_scores(model, tokenizer, processor):
-    from conftest import random_image
-
     rows = [{"image": random_image(i), "captions": [f"a red square {i}", "a blue circle"]} for i in range(4)]
 
     def transform(image):
@@ -142,3 +141,14 @@ def test_two_processes_return_the_matrices_of_one(model, inputs, tmp_path):
         score_i2t, score_t2i = torch.load(tmp_path / f"rank{rank}.pt")
         assert_same_scores(score_i2t, expected[0])
         assert_same_scores(score_t2i, expected[1])
+
+
+def test_a_one_layer_text_model_scores_like_the_loop(inputs):
+    config = make_config()
+    config.text_config.num_hidden_layers = 1  # the last layer is also the first
+    torch.manual_seed(0)
+    model = BlipForImageTextRetrieval(config).eval()
+    scores = retrieval_scores(model, *inputs, k_test=K_TEST)
+    reference = per_query_scores(model, *inputs, k_test=K_TEST)
+    assert_same_scores(scores[0], reference[0])
+    assert_same_scores(scores[1], reference[1])

@@ -9,8 +9,8 @@ values once per candidate, here:
 - a pair that is a candidate in both directions is scored once (its score is the same in both);
 - the pairs are grouped by image, so that up to `_TEXTS_PER_IMAGE_ROW` texts read one copy of an image's keys and
   values (the text model's grouped cross-attention, as generation uses for beams);
-- the pairs of many images go through the ITM head together, at most `max_pairs_per_forward` at a time, texts
-  trimmed to the longest of the batch;
+- the pairs of many images go through the ITM encoder together, at most `max_pairs_per_forward` at a time, texts
+  trimmed to the longest of the batch, and its last layer computes the `[ENC]` row alone, all the ITM head reads;
 - under `torchrun` / `accelerate launch` each rank encodes a slice of the images and texts and scores the pairs of its
   images; the features and the pair scores are gathered, so every rank returns the full matrices, as one process does.
 """
@@ -21,12 +21,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..data import pre_caption
 from ..losses import gather_without_grad, rank_and_world_size
-from ..modeling_blip import image_grounded_encoding, itc_feature
+from ..modeling_blip import itc_feature, replace_first_token
+from ..modeling_med import BlipTextLayer, additive_mask
 from ..training.callbacks import unwrap_model
 from .retrieval_metrics import retrieval_recall
 
@@ -115,6 +117,46 @@ def _image_rows(pair_images: torch.Tensor, num_images: int, row_width: int) -> t
     return row_images, first_slot[pair_images] + rank_in_image
 
 
+def _first_row_of_last_layer(
+    layer: BlipTextLayer,
+    hidden_states: torch.Tensor,
+    self_mask: torch.Tensor | None,
+    image_key_value: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """`layer`'s output (B, 1, D) at the first position only: every position is a key of the self-attention, but only
+    the first is a query, crosses to the image and goes through the feed-forward."""
+    attention = layer.attention.self
+    batch_size, _, width = hidden_states.shape
+    query = attention.split_heads(attention.query(hidden_states[:, :1]))  # (B, H, 1, d)
+    key, value = attention.project_key_value(hidden_states)  # (B, H, L, d)
+    attended = F.scaled_dot_product_attention(query, key, value, attn_mask=self_mask, scale=attention.scaling)
+    first = layer.attention.output(attended.transpose(1, 2).reshape(batch_size, 1, width), hidden_states[:, :1])
+    first = layer.crossattention(first, key_value=image_key_value)  # (B, 1, D), image tokens all attended
+    return layer.output(layer.intermediate(first), first)
+
+
+def _row_match_logits(
+    model: nn.Module, row_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """ITM match logits (B,) of texts (B, L) read against row images (R, 1+N, D_v), B / R consecutive texts a row.
+
+    The image-grounded encoding of `image_grounded_encoding`, except that the last layer computes the `[ENC]` row
+    alone: it is all the ITM head reads, and the other rows would be a layer of work thrown away.
+    """
+    text_encoder = model.text_encoder
+    input_ids = replace_first_token(input_ids, text_encoder.config.encoder_token_id)
+    hidden_states = text_encoder.embeddings(input_ids)  # (B, L, D)
+    self_mask = None
+    if not bool(attention_mask.all()):
+        self_mask = additive_mask(attention_mask[:, None, None, :], hidden_states.dtype)  # (B, 1, 1, L)
+    image_key_values = text_encoder.image_key_values(row_embeds)  # once per row, read by its B / R texts
+    *layers, last_layer = text_encoder.encoder.layer
+    for layer, image_key_value in zip(layers, image_key_values.key_values):
+        hidden_states = layer(hidden_states, self_mask, image_key_value)
+    enc_states = _first_row_of_last_layer(last_layer, hidden_states, self_mask, image_key_values.key_values[-1])
+    return model.itm_head(enc_states[:, 0])[:, 1].float()
+
+
 def _itm_match_logits(
     model: nn.Module,
     image_embeds: torch.Tensor,
@@ -142,13 +184,14 @@ def _itm_match_logits(
         texts = slot_texts[start : start + rows_per_forward].flatten()  # (rows * row_width,) grouped by row
         mask = attention_mask[texts].to(device)
         length = int(mask.any(dim=0).nonzero().max()) + 1  # the longest text of this forward
-        multimodal_embeds = image_grounded_encoding(
-            model.text_encoder,
-            input_ids[texts, :length].to(device),
-            mask[:, :length],
-            encoder_hidden_states=image_embeds[row_images[start : start + rows_per_forward]],
-        ).last_hidden_state  # (rows * row_width, L, D)
-        slot_logits.append(model.itm_head(multimodal_embeds[:, 0])[:, 1].float())
+        slot_logits.append(
+            _row_match_logits(
+                model,
+                image_embeds[row_images[start : start + rows_per_forward]],
+                input_ids[texts, :length].to(device),
+                mask[:, :length],
+            )
+        )
     return torch.cat(slot_logits)[pair_slots]
 
 
