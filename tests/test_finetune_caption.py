@@ -190,3 +190,15 @@ def test_load_captioner_tells_the_starts_apart(tmp_path):
     assert starts["hub"][1].bos_token == "[DEC]"
     with pytest.raises(ValueError, match="holds no tokenizer"):
         load_captioner(str(tmp_path / "model_base.pth"), image_size=48)
+
+
+def test_the_script_logs_the_regularisation_of_a_transformers_layout_start(tmp_path, caplog):
+    from transformers_blip.convert.transformers_layout import save_in_transformers_layout
+
+    save_in_transformers_layout(BlipForConditionalGeneration(make_config()), tmp_path)
+    make_tokenizer().save_pretrained(tmp_path)
+    script = load_script()
+    model, _ = script.start_model(script.ModelArguments(model_name_or_path=str(tmp_path)), [], PROMPT, None)
+    assert model.training and model.config.text_config.label_smoothing == 0.1
+    assert model.config.text_config.hidden_dropout_prob == 0.1
+    assert "no label smoothing and no dropout" in caplog.text
