@@ -217,3 +217,19 @@ def test_the_vqa_recipe_sets_the_originals_values_and_bad_input_is_named(tmp_pat
     with pytest.raises(SystemExit, match="missing.json"):
         script.main(["--output_dir", str(tmp_path), "--source", "vqa_json", "--image_root", str(tmp_path),
                      "--train_files", str(missing), "--test_files", str(missing)])  # fmt: skip
+
+
+def test_visual_genome_questions_always_train(tmp_path):
+    """A held-out question needs several human answers: with one, VQA accuracy is 0 whatever the prediction."""
+    random_image(0).save(tmp_path / "image.png")
+    vqa = [{"question_id": i, "question": "what colour ?", "answer": ["red"] * 10, "image": "image.png",
+            "dataset": "vqa"} for i in range(8)]  # fmt: skip
+    vg = [{"question_id": 100 + i, "question": "how many ?", "answer": "two", "image": "image.png", "dataset": "vg"}
+          for i in range(4)]  # fmt: skip
+    (tmp_path / "train.json").write_text(json.dumps(vqa + vg))
+    (tmp_path / "test.json").write_text(json.dumps(vqa[:2]))
+    files = {"train_files": [str(tmp_path / "train.json")], "test_files": [str(tmp_path / "test.json")]}
+    splits = load_vqa_splits("vqa_json", **files, image_root=str(tmp_path), validation_share=0.25)
+    validation, train = splits["validation"], splits["train"]
+    assert len(validation) == 2 and all(len(answers) == 10 for answers in validation["answers"])
+    assert sorted([*train["question_id"], *validation["question_id"]]) == [*range(8), *range(100, 104)]

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..atomic_writes import write_text_atomically
@@ -102,10 +102,19 @@ def load_vqa_splits(
     else:
         raise ValueError(f"unknown VQA source {source!r}: synthetic or vqa_json")
     if validation is None and validation_share > 0:
-        # By image where the rows name it (the synthetic benchmark), else by question.
-        group = "image_id" if "image_id" in train.column_names else "question_id"
-        train, validation = held_out_split(train, validation_share, seed, group_column=group)
+        train, validation = _hold_out_vqa_questions(train, validation_share, seed)
     return {"train": train, "validation": validation, "test": test}
+
+
+def _hold_out_vqa_questions(train: Dataset, share: float, seed: int) -> tuple[Dataset, Dataset]:
+    """(train, validation) with `share` of the questions that have several human answers held out, by image where
+    the rows name it (the synthetic benchmark), else by question. A Visual Genome question (one answer) always
+    trains: VQA accuracy leaves each annotator out in turn, so a single answer would score 0 whatever is predicted."""
+    several = [index for index, answers in enumerate(train["answers"]) if len(answers) > 1]
+    single = sorted(set(range(len(train))) - set(several))
+    group = "image_id" if "image_id" in train.column_names else "question_id"
+    kept, validation = held_out_split(train.select(several), share, seed, group_column=group)
+    return concatenate_datasets([kept, train.select(single)]), validation
 
 
 def _vqa_only(synthetic_kwargs: dict[str, Any]) -> dict[str, Any]:
