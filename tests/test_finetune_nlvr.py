@@ -133,3 +133,17 @@ def test_the_nlvr2_recipe_sets_the_originals_values_and_bad_input_is_named(tmp_p
     assert "invalid choice: 'nlvr'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="needs --train_files, --test_files and --image_root"):
         script.main(["--output_dir", str(tmp_path), "--source", "nlvr_json"])
+
+
+def test_a_fresh_run_resumes_with_its_own_vocabulary(tmp_path):
+    """WordPiece training need not number the tokens alike twice: a resumed fresh run reads its tokenizer back."""
+    from transformers_blip.training.vqa import start_task_model
+
+    make_tokenizer().save_pretrained(tmp_path)
+
+    def corpus():
+        raise AssertionError("a resumed run must not train its vocabulary anew")
+
+    model, tokenizer = start_task_model(BlipForVisualReasoning, 32, corpus=corpus, resume_checkpoint=str(tmp_path))
+    assert tokenizer.get_vocab() == make_tokenizer().get_vocab()
+    assert model.config.text_config.vocab_size == len(tokenizer)

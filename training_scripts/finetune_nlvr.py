@@ -45,7 +45,7 @@ from transformers_blip.training.nlvr import (
     predict_pairs,
     write_nlvr_results,
 )
-from transformers_blip.training.vqa import start_task_model, write_run_summary
+from transformers_blip.training.vqa import checkpoint_to_resume, start_task_model, write_run_summary
 
 SOURCES = ("synthetic", "nlvr_json")
 
@@ -119,8 +119,9 @@ def main(args: list[str] | None = None) -> None:
         model, tokenizer = start_task_model(
             BlipForVisualReasoning, model_args.image_size, model_args.model_size, model_args.model_name_or_path,
             model_args.pretraining_checkpoint, lambda: nlvr_texts(splits["train"]), model_args.vocab_size,
+            checkpoint_to_resume(training_args),
         )  # fmt: skip
-    except (ValueError, OSError) as error:  # a missing file, a bad argument: say which, not a traceback
+    except (ValueError, OSError) as error:  # a missing file, a bad argument, a damaged checkpoint: say which
         raise SystemExit(f"error: {error}") from error
     if splits["validation"] is None:  # no validation: the last epoch classifies the test pairs
         training_args.eval_strategy, training_args.load_best_model_at_end = IntervalStrategy.NO, False

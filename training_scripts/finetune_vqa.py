@@ -43,6 +43,7 @@ from transformers_blip.training.vqa import (
     VqaCollator,
     answer_accuracy,
     candidate_answers,
+    checkpoint_to_resume,
     has_human_answers,
     load_vqa_splits,
     start_task_model,
@@ -142,13 +143,14 @@ def main(args: list[str] | None = None) -> None:
         model, tokenizer = start_task_model(
             BlipForQuestionAnswering, model_args.image_size, model_args.model_size, model_args.model_name_or_path,
             model_args.pretraining_checkpoint, lambda: vqa_texts(splits["train"]), model_args.vocab_size,
+            checkpoint_to_resume(training_args),
         )  # fmt: skip
         predictor = AnswerPredictor(
             tokenizer, model_args.image_size, inference_args.inference, candidates, inference_args.k_test,
             inference_args.rank_scoring, training_args.per_device_eval_batch_size,
             {"num_beams": inference_args.num_beams, "max_length": inference_args.max_answer_length}, report,
         )  # fmt: skip
-    except (ValueError, OSError) as error:  # a missing file, a bad argument: say which, not a traceback
+    except (ValueError, OSError) as error:  # a missing file, a bad argument, a damaged checkpoint: say which
         raise SystemExit(f"error: {error}") from error
     if splits["validation"] is None:  # the original's run: no validation, the last epoch answers the test
         training_args.eval_strategy, training_args.load_best_model_at_end = IntervalStrategy.NO, False

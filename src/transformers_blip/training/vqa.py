@@ -11,7 +11,7 @@
   plain log-likelihood on request.
 - The result file (`write_vqa_results`): `[{"question_id": int, "answer": str}]`, the evaluation server's format.
 
-`held_out_split`, `start_task_model` and `write_run_summary` serve the NLVR2 script too.
+`held_out_split`, `start_task_model`, `checkpoint_to_resume` and `write_run_summary` serve the NLVR2 script too.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset, concatenate_datasets
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainingArguments
 
 from ..atomic_writes import write_text_atomically
 from ..benchmark import build_synthetic_benchmark
@@ -35,6 +35,7 @@ from ..evaluation.vqa_accuracy import vqa_accuracy
 from ..modeling_blip import BlipPreTrainedModel, replace_first_token
 from ..modeling_med import language_modeling_loss, mask_padding
 from ..processing_blip import build_tokenizer, text_config_token_kwargs
+from .checkpoints import latest_complete_checkpoint
 from .model_sizes import pretraining_config
 
 INFERENCE_MODES = ("rank", "generate")
@@ -346,10 +347,12 @@ def start_task_model(
     pretraining_checkpoint: str | None = None,
     corpus: Callable[[], Sequence[str]] | None = None,
     vocab_size: int = 30522,
+    resume_checkpoint: str | None = None,
 ) -> tuple[BlipPreTrainedModel, PreTrainedTokenizerBase]:
     """The head a fine-tuning run starts from, with its tokenizer: a saved head (`model_name_or_path`), a head built
     from a pretraining run (`pretraining_checkpoint`, at `image_size`), or a fresh `model_size` model whose
-    vocabulary is trained on `corpus()`."""
+    vocabulary is trained on `corpus()`, or, when the run resumes, read back from `resume_checkpoint` (WordPiece
+    training need not number the tokens the same way twice)."""
     if model_name_or_path and pretraining_checkpoint:
         raise ValueError("give --model_name_or_path or --pretraining_checkpoint, not both")
     if model_name_or_path:
@@ -362,9 +365,22 @@ def start_task_model(
         config.vision_config.image_size = image_size  # the ViT's position embeddings are resized to it
         model = task_head_from_pretraining(model_class, pretraining, config=config)
         return model, AutoTokenizer.from_pretrained(pretraining_checkpoint)
-    tokenizer = build_tokenizer(corpus=corpus(), vocab_size=vocab_size)
+    if resume_checkpoint is not None:
+        tokenizer = AutoTokenizer.from_pretrained(resume_checkpoint)
+    else:
+        tokenizer = build_tokenizer(corpus=corpus(), vocab_size=vocab_size)
     config = pretraining_config(model_size, image_size, text_config_token_kwargs(tokenizer))
     return model_class(config), tokenizer
+
+
+def checkpoint_to_resume(args: TrainingArguments) -> str | None:
+    """The checkpoint `--resume_from_checkpoint` names; given alone, the newest complete one of `output_dir`."""
+    resume = args.resume_from_checkpoint
+    if resume in (None, False, "False", ""):
+        return None
+    if resume is True or resume == "True":
+        return latest_complete_checkpoint(args.output_dir)
+    return resume
 
 
 def write_run_summary(output_dir: str, title: str, metrics: dict[str, Any], notes: Sequence[str] = ()) -> None:
@@ -392,6 +408,7 @@ __all__ = [
     "VqaCollator",
     "answer_accuracy",
     "candidate_answers",
+    "checkpoint_to_resume",
     "has_human_answers",
     "held_out_split",
     "load_vqa_splits",
