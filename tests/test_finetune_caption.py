@@ -12,11 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import make_config, make_tokenizer
+from conftest import make_config, make_tokenizer, random_image
+from datasets import Dataset, Features
 from safetensors.torch import load_file
 
 from transformers_blip import BlipConfig, BlipForConditionalGeneration
+from transformers_blip.benchmark.build import CAPTIONS_FEATURES
+from transformers_blip.data import BlipEvalTransform
 from transformers_blip.training.captioning import (
+    CaptionEvaluation,
+    CaptionGeneration,
     CaptionTrainingCollator,
     caption_prompt_length,
     load_captioner,
@@ -202,3 +207,40 @@ def test_the_script_logs_the_regularisation_of_a_transformers_layout_start(tmp_p
     assert model.training and model.config.text_config.label_smoothing == 0.1
     assert model.config.text_config.hidden_dropout_prob == 0.1
     assert "no label smoothing and no dropout" in caplog.text
+
+
+def eval_split(num_images: int = 5) -> Dataset:
+    images = [random_image(seed, size=(32, 32)) for seed in range(num_images)]
+    rows = {"image": images, "image_id": list(range(10, 10 + num_images)), "captions": [["red square"]] * num_images}
+    return Dataset.from_dict(rows, features=Features(CAPTIONS_FEATURES))
+
+
+def caption_on_rank(rank: int, store_path: str, output_dir: str) -> None:
+    """One of two gloo processes: captions its share of the split, gathers everyone's, writes what it got."""
+    store = torch.distributed.FileStore(store_path, 2)
+    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = BlipForConditionalGeneration(make_config()).eval()
+        captioned = []
+        generate = model.generate
+        model.generate = lambda pixel_values, **kwargs: (
+            captioned.append(len(pixel_values)) or generate(pixel_values, **kwargs)
+        )
+        evaluation = CaptionEvaluation(make_tokenizer(), BlipEvalTransform(32), CaptionGeneration(max_length=9), 2)
+        results = evaluation.caption(model, eval_split())
+        Path(output_dir, f"rank{rank}.json").write_text(json.dumps({"results": results, "captioned": sum(captioned)}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_caption_each_image_once_and_share_the_results(tmp_path):
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(make_config()).eval()
+    evaluation = CaptionEvaluation(make_tokenizer(), BlipEvalTransform(32), CaptionGeneration(max_length=9), 2)
+    alone = evaluation.caption(model, eval_split())
+    assert [entry["image_id"] for entry in alone] == [10, 11, 12, 13, 14]
+    torch.multiprocessing.spawn(caption_on_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    written = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [share["captioned"] for share in written] == [3, 2]  # contiguous shares of the 5 images
+    assert all(share["results"] == alone for share in written)  # every rank holds all captions, in order

@@ -133,8 +133,9 @@ class CaptionEvaluation:
     and scores it with the COCO metrics (`Bleu_1..4`, `ROUGE_L`, `CIDEr`, `METEOR` on request) plus the original's
     choice of the best epoch, `CIDEr_plus_Bleu_4`.
 
-    The captions of the latest evaluation stay in `self.results` (COCO results format). Every rank captions the whole
-    split, so the metrics are the same on each; splitting the work across ranks is not done.
+    The captions of the latest evaluation stay in `self.results` (COCO results format). Under several processes each
+    rank captions a contiguous share of the split and the shares are gathered, so that every rank scores all the
+    captions and reports the same metrics.
 
     Args:
         tokenizer: BLIP's tokenizer.
@@ -169,6 +170,9 @@ class CaptionEvaluation:
         # Images undecoded until the workers' `DecodeImages`, which skips and counts a broken one.
         rows = dataset.select_columns(["image", "image_id"]).cast_column("image", ImageFeature(decode=False))
         rows = rows.add_column("result_id", [result_image_id(row) for row in rows])
+        rank, world_size = _rank_and_world_size()
+        if world_size > 1:
+            rows = rows.shard(num_shards=world_size, index=rank, contiguous=True)
         loader = DataLoader(rows, self.batch_size, collate_fn=self.collate, num_workers=self.num_workers)
         device = next(model.parameters()).device
         settings = self.generation
@@ -192,7 +196,7 @@ class CaptionEvaluation:
                     if image_id not in seen:  # the original's `remove_duplicate='image_id'`
                         seen.add(image_id)
                         results.append({"image_id": image_id, "caption": caption})
-        return results
+        return _gathered(results, world_size)
 
     def __call__(self, model: BlipForConditionalGeneration, dataset: Dataset) -> dict[str, float]:
         self.results = self.caption(model, dataset)
@@ -203,6 +207,21 @@ class CaptionEvaluation:
         scores = caption_scores(predictions, {key: references[key] for key in predictions}, meteor=self.meteor)
         scores["CIDEr_plus_Bleu_4"] = scores["CIDEr"] + scores["Bleu_4"]
         return scores
+
+
+def _rank_and_world_size() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _gathered(results: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
+    """Every rank's results in rank order (the split's order, as the shards are contiguous)."""
+    if world_size == 1:
+        return results
+    shares: list[list[dict[str, Any]] | None] = [None] * world_size
+    torch.distributed.all_gather_object(shares, results)
+    return [entry for share in shares for entry in share]
 
 
 def _references_by_result_id(dataset: Dataset) -> dict[int, list[str]]:
