@@ -244,3 +244,14 @@ def test_two_ranks_caption_each_image_once_and_share_the_results(tmp_path):
     written = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [share["captioned"] for share in written] == [3, 2]  # contiguous shares of the 5 images
     assert all(share["results"] == alone for share in written)  # every rank holds all captions, in order
+
+
+@pytest.mark.parametrize("recipe", ["coco_caption", "nocaps"])
+def test_the_script_takes_every_value_of_the_captioning_recipes(recipe):
+    from transformers_blip.training import RECIPES, parse_with_recipe
+
+    parsed = parse_with_recipe(load_script().build_parser(), ["--recipe", recipe, "--output_dir", "unused"])
+    values = {name: value for arguments in parsed for name, value in vars(arguments).items()}
+    assert {name: values[name] for name in RECIPES[recipe]} == RECIPES[recipe]
+    overridden = parse_with_recipe(load_script().build_parser(), ["--recipe", recipe, "--num_beams", "5"])
+    assert overridden[2].num_beams == 5  # the command line still wins
