@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         resume = checkpoint_to_resume(training_args)
     except CheckpointError as error:
         raise SystemExit(f"error: {error}") from error
-    model, tokenizer = start_model(model_args, train["caption"], caption_args.prompt, resume)
+    model, tokenizer = start_model(model_args, training_args, train["caption"], caption_args.prompt, resume)
 
     train_transform = BlipTrainTransform(
         model_args.image_size, scale=(data_args.min_crop_scale, 1.0), randaugment=data_args.randaugment
@@ -198,7 +198,19 @@ def checkpoint_to_resume(training_args: TrainingArguments) -> str | None:
     return resume
 
 
-def start_model(model_args: ModelArguments, captions: list[str], prompt: str, resume: str | None):
+def shared_vocabulary(texts: list[str], model_args: ModelArguments, training_args: TrainingArguments):
+    """A WordPiece vocabulary trained on `texts` by the main process and read by the others: two trainings on the
+    same texts may number the tokens differently, and every rank must tokenize alike."""
+    directory = os.path.join(training_args.output_dir, "vocabulary")
+    with training_args.main_process_first(desc="training the vocabulary"):
+        if training_args.process_index == 0:
+            build_tokenizer(corpus=texts, vocab_size=model_args.vocab_size).save_pretrained(directory)
+        return AutoTokenizer.from_pretrained(directory)
+
+
+def start_model(
+    model_args: ModelArguments, training_args: TrainingArguments, captions: list[str], prompt: str, resume: str | None
+):
     """The captioner and tokenizer the run starts from, with its training regularisation logged."""
     if model_args.model_name_or_path is None:
         if resume is not None:  # a vocabulary trained anew could number the tokens otherwise: the run's own
@@ -206,9 +218,7 @@ def start_model(model_args: ModelArguments, captions: list[str], prompt: str, re
         elif model_args.tokenizer_name_or_path:
             tokenizer = build_tokenizer(vocab_file=model_args.tokenizer_name_or_path)
         else:
-            tokenizer = build_tokenizer(
-                corpus=[prompt + caption for caption in captions], vocab_size=model_args.vocab_size
-            )
+            tokenizer = shared_vocabulary([prompt + caption for caption in captions], model_args, training_args)
         config = pretraining_config(model_args.model_size, model_args.image_size, text_config_token_kwargs(tokenizer))
         model, start = BlipForConditionalGeneration(config), "fresh"
     else:
