@@ -257,3 +257,14 @@ def test_the_script_takes_every_value_of_the_captioning_recipes(recipe):
     assert {name: values[name] for name in RECIPES[recipe]} == RECIPES[recipe]
     overridden = parse_with_recipe(load_script().build_parser(), ["--recipe", recipe, "--num_beams", "5"])
     assert overridden[2].num_beams == 5  # the command line still wins
+
+
+def test_the_script_names_missing_or_wrong_annotation_files(tmp_path):
+    script = load_script()
+    with pytest.raises(SystemExit, match="needs --val_file, --test_file"):
+        script.main(["--output_dir", str(tmp_path), "--source", "coco_karpathy", "--train_file", "train.json"])
+    evaluation_file = tmp_path / "val.json"
+    evaluation_file.write_text(json.dumps([{"image": "val/COCO_val2014_000000000001.jpg", "caption": ["a cat"]}]))
+    arguments = ["--train_file", str(evaluation_file), "--val_file", str(evaluation_file)]
+    with pytest.raises(SystemExit, match="val.json has the wrong layout"):
+        script.main(["--output_dir", str(tmp_path), "--source", "coco_karpathy", *arguments, "--test_file", "t.json"])

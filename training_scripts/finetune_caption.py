@@ -140,10 +140,13 @@ def main(argv: list[str] | None = None) -> dict:
         "num_test": data_args.synthetic_num_test,
     }  # fmt: skip
     with training_args.main_process_first(desc="building the dataset"):
-        train, val, test = load_caption_splits(
-            data_args.source, data_args.train_file, data_args.val_file, data_args.test_file, data_args.image_root,
-            caption_args.max_words, synthetic_kwargs, report=report,
-        )  # fmt: skip
+        try:
+            train, val, test = load_caption_splits(
+                data_args.source, data_args.train_file, data_args.val_file, data_args.test_file,
+                data_args.image_root, caption_args.max_words, synthetic_kwargs, report=report,
+            )  # fmt: skip
+        except (OSError, ValueError) as error:  # a missing or unreadable file, a wrong layout: named, no traceback
+            raise SystemExit(f"error: {error}") from error
     try:
         resume = checkpoint_to_resume(training_args)
     except CheckpointError as error:

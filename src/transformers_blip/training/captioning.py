@@ -266,18 +266,23 @@ def load_caption_splits(
     missing = [name for name, file in files.items() if not file]
     if missing:
         raise ValueError(f"the coco_karpathy source needs {', '.join(missing)} (BLIP's Karpathy annotation files)")
-    splits = [load_coco_karpathy(file, image_root, max_words=max_words, report=report) for file in files.values()]
-    _check_layout(splits[0], "caption", train_file, "a training file lists one caption per record")
-    for split, file in zip(splits[1:], (val_file, test_file)):
-        _check_layout(split, "captions", file, "an evaluation file lists each image once with its captions")
-    return tuple(splits)
+    train = _karpathy_split(train_file, image_root, max_words, report, "caption")
+    val = _karpathy_split(val_file, image_root, max_words, report, "captions")
+    return train, val, _karpathy_split(test_file, image_root, max_words, report, "captions")
 
 
-def _check_layout(split: Dataset, column: str, file: str, rule: str) -> None:
+def _karpathy_split(file: str, image_root: str | None, max_words: int, report: SkipReport | None, column: str):
+    """One Karpathy file, refused by name when it gives nothing or is of the other layout than its split's."""
+    split = load_coco_karpathy(file, image_root, max_words=max_words, report=report)
     if len(split) == 0:
         raise ValueError(f"{file} gave no usable record")
     if column not in split.column_names:
+        rule = {
+            "caption": "a training file lists one caption per record",
+            "captions": "an evaluation file lists each image once with its captions",
+        }[column]
         raise ValueError(f"{file} has the wrong layout for its split: {rule}")
+    return split
 
 
 def load_captioner(
