@@ -163,7 +163,15 @@ class VerifiedCheckpointsMixin:
       renames it to `checkpoint-N`; `save_total_limit` rotation deletes old checkpoints the same all-or-nothing way.
     - `train(resume_from_checkpoint=path)` verifies the checkpoint first; `resume_from_checkpoint=True` picks the
       newest checkpoint of `output_dir` that verifies. Both raise `CheckpointError` naming the faulty file.
+    - Loading a checkpoint (a resume, the best model at the end) does not warn about tied tensors: a checkpoint
+      stores each shared tensor once, and loading it fills every name that shares it.
     """
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+        missing = [key for key in load_result.missing_keys if key not in tied]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
     def _save_checkpoint(self, model, trial) -> None:
         run_dir = self._get_output_dir(trial=trial)

@@ -65,13 +65,6 @@ class BlipPreTrainingTrainer(VerifiedCheckpointsMixin, BlipOptimizationMixin, Tr
         self._loss_count = 0
         self.empty_batches = 0
 
-    def _issue_warnings_after_load(self, load_result) -> None:
-        # A checkpoint stores each tensor the decoder shares with the encoder once; loading the encoder's fills the
-        # decoder's, so those keys are not missing, and Trainer's warning about them would only alarm.
-        tied = set(getattr(unwrap_model(self.model), "all_tied_weights_keys", None) or {})
-        missing = [key for key in load_result.missing_keys if key not in tied]
-        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
-
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         return super().get_batch_samples(self._non_empty(epoch_iterator), num_batches, device)
 
