@@ -268,3 +268,12 @@ def test_the_script_names_missing_or_wrong_annotation_files(tmp_path):
     arguments = ["--train_file", str(evaluation_file), "--val_file", str(evaluation_file)]
     with pytest.raises(SystemExit, match="val.json has the wrong layout"):
         script.main(["--output_dir", str(tmp_path), "--source", "coco_karpathy", *arguments, "--test_file", "t.json"])
+
+
+def test_an_image_listed_twice_is_captioned_into_one_result():
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(make_config()).eval()
+    evaluation = CaptionEvaluation(make_tokenizer(), BlipEvalTransform(32), CaptionGeneration(max_length=8), 2)
+    split = eval_split(3)
+    twice = Dataset.from_dict({**split[:3], "image_id": [10, 11, 10]}, features=split.features)
+    assert [entry["image_id"] for entry in evaluation.caption(model, twice)] == [10, 11]

@@ -177,7 +177,7 @@ class CaptionEvaluation:
         device = next(model.parameters()).device
         settings = self.generation
         prompt_ids = self.tokenizer(settings.prompt, return_tensors="pt")["input_ids"] if settings.prompt else None
-        results, seen = [], set()
+        results = []
         with torch.inference_mode():
             for batch in loader:
                 if batch is None:  # every image of the batch was broken
@@ -192,11 +192,10 @@ class CaptionEvaluation:
                     min_length=settings.min_length,
                 )
                 captions = decode_captions(self.tokenizer, generated, prompt=settings.prompt or None)
-                for image_id, caption in zip(batch["ids"], captions):
-                    if image_id not in seen:  # the original's `remove_duplicate='image_id'`
-                        seen.add(image_id)
-                        results.append({"image_id": image_id, "caption": caption})
-        return _gathered(results, world_size)
+                results += [
+                    {"image_id": image_id, "caption": caption} for image_id, caption in zip(batch["ids"], captions)
+                ]
+        return _first_per_image(_gathered(results, world_size))
 
     def __call__(self, model: BlipForConditionalGeneration, dataset: Dataset) -> dict[str, float]:
         self.results = self.caption(model, dataset)
@@ -207,6 +206,14 @@ class CaptionEvaluation:
         scores = caption_scores(predictions, {key: references[key] for key in predictions}, meteor=self.meteor)
         scores["CIDEr_plus_Bleu_4"] = scores["CIDEr"] + scores["Bleu_4"]
         return scores
+
+
+def _first_per_image(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per image id, the first, as the original's `save_result(..., remove_duplicate='image_id')`."""
+    kept = {}
+    for entry in results:
+        kept.setdefault(entry["image_id"], entry)
+    return list(kept.values())
 
 
 def _rank_and_world_size() -> tuple[int, int]:
