@@ -33,6 +33,18 @@ PROMPT = "a picture of "
 SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "finetune_caption.py"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Torch on one thread for this file's tests: the tiny model's steps run much faster so on a loaded machine, and
+    the thread count is restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def caption_rows() -> list[dict]:
     """Rows as the decoding step hands them to the collator: image tensors and raw captions."""
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
