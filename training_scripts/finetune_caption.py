@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 from transformers.utils import logging
 
 from transformers_blip import BlipForConditionalGeneration
@@ -51,8 +51,9 @@ from transformers_blip.training.captioning import (
 from transformers_blip.training.checkpoints import (
     CheckpointError,
     allow_resume_without_path,
-    latest_complete_checkpoint,
+    checkpoint_to_resume,
 )
+from transformers_blip.training.vocabulary import run_vocabulary
 
 logger = logging.get_logger("finetune_caption")
 
@@ -191,37 +192,16 @@ def main(argv: list[str] | None = None) -> dict:
     return metrics
 
 
-def checkpoint_to_resume(training_args: TrainingArguments) -> str | None:
-    """The checkpoint `--resume_from_checkpoint` names; alone, the newest complete one of `output_dir`."""
-    resume = training_args.resume_from_checkpoint
-    if resume in (None, False, "False", ""):
-        return None
-    if resume is True or resume == "True":
-        return latest_complete_checkpoint(training_args.output_dir)
-    return resume
-
-
-def shared_vocabulary(texts: list[str], model_args: ModelArguments, training_args: TrainingArguments):
-    """A WordPiece vocabulary trained on `texts` by the main process and read by the others: two trainings on the
-    same texts may number the tokens differently, and every rank must tokenize alike."""
-    directory = os.path.join(training_args.output_dir, "vocabulary")
-    with training_args.main_process_first(desc="training the vocabulary"):
-        if training_args.process_index == 0:
-            build_tokenizer(corpus=texts, vocab_size=model_args.vocab_size).save_pretrained(directory)
-        return AutoTokenizer.from_pretrained(directory)
-
-
 def start_model(
     model_args: ModelArguments, training_args: TrainingArguments, captions: list[str], prompt: str, resume: str | None
 ):
     """The captioner and tokenizer the run starts from, with its training regularisation logged."""
     if model_args.model_name_or_path is None:
-        if resume is not None:  # a vocabulary trained anew could number the tokens otherwise: the run's own
-            tokenizer = AutoTokenizer.from_pretrained(resume)
-        elif model_args.tokenizer_name_or_path:
+        if model_args.tokenizer_name_or_path and resume is None:
             tokenizer = build_tokenizer(vocab_file=model_args.tokenizer_name_or_path)
-        else:
-            tokenizer = shared_vocabulary([prompt + caption for caption in captions], model_args, training_args)
+        else:  # trained once for every rank, or the resumed checkpoint's own
+            texts = [prompt + caption for caption in captions]
+            tokenizer = run_vocabulary(lambda: texts, model_args.vocab_size, training_args, resume)
         config = pretraining_config(model_args.model_size, model_args.image_size, text_config_token_kwargs(tokenizer))
         model, start = BlipForConditionalGeneration(config), "fresh"
     else:

@@ -35,7 +35,7 @@ from transformers_blip.training import (
     optimizer_steps_per_epoch,
     parse_with_recipe,
 )
-from transformers_blip.training.checkpoints import CheckpointError, allow_resume_without_path
+from transformers_blip.training.checkpoints import CheckpointError, allow_resume_without_path, checkpoint_to_resume
 from transformers_blip.training.nlvr import (
     NlvrCollator,
     decode_pairs,
@@ -45,7 +45,7 @@ from transformers_blip.training.nlvr import (
     predict_pairs,
     write_nlvr_results,
 )
-from transformers_blip.training.vqa import checkpoint_to_resume, start_task_model, write_run_summary
+from transformers_blip.training.vqa import start_task_model, write_run_summary
 
 SOURCES = ("synthetic", "nlvr_json")
 
@@ -120,6 +120,7 @@ def main(args: list[str] | None = None) -> None:
             BlipForVisualReasoning, model_args.image_size, model_args.model_size, model_args.model_name_or_path,
             model_args.pretraining_checkpoint, lambda: nlvr_texts(splits["train"]), model_args.vocab_size,
             checkpoint_to_resume(training_args),
+            training_args=training_args,
         )  # fmt: skip
     except (ValueError, OSError) as error:  # a missing file, a bad argument, a damaged checkpoint: say which
         raise SystemExit(f"error: {error}") from error

@@ -35,7 +35,7 @@ from transformers_blip.training import (
     optimizer_steps_per_epoch,
     parse_with_recipe,
 )
-from transformers_blip.training.checkpoints import CheckpointError, allow_resume_without_path
+from transformers_blip.training.checkpoints import CheckpointError, allow_resume_without_path, checkpoint_to_resume
 from transformers_blip.training.vqa import (
     INFERENCE_MODES,
     RANK_SCORINGS,
@@ -43,7 +43,6 @@ from transformers_blip.training.vqa import (
     VqaCollator,
     answer_accuracy,
     candidate_answers,
-    checkpoint_to_resume,
     has_human_answers,
     load_vqa_splits,
     start_task_model,
@@ -144,6 +143,7 @@ def main(args: list[str] | None = None) -> None:
             BlipForQuestionAnswering, model_args.image_size, model_args.model_size, model_args.model_name_or_path,
             model_args.pretraining_checkpoint, lambda: vqa_texts(splits["train"]), model_args.vocab_size,
             checkpoint_to_resume(training_args),
+            training_args=training_args,
         )  # fmt: skip
         predictor = AnswerPredictor(
             tokenizer, model_args.image_size, inference_args.inference, candidates, inference_args.k_test,

@@ -50,7 +50,8 @@ from transformers_blip.training import (
     pretraining_config,
     with_caption_lengths,
 )
-from transformers_blip.training.checkpoints import CheckpointError, allow_resume_without_path
+from transformers_blip.training.checkpoints import CheckpointError, allow_resume_without_path, checkpoint_to_resume
+from transformers_blip.training.vocabulary import run_vocabulary
 
 
 @dataclass
@@ -187,6 +188,10 @@ def main() -> None:
         parser.error(f"--use_image_ids needs an image_id column; the {data_args.source} source has {columns}")
 
     steps_per_epoch = optimizer_steps_per_epoch(train_dataset, training_args)
+    try:
+        resume_checkpoint = checkpoint_to_resume(training_args)
+    except CheckpointError as error:
+        raise SystemExit(f"error: {error}") from error
     if model_args.model_name_or_path:  # a saved pretraining run: its weights, momentum, queues and tokenizer
         model = BlipForPreTraining.from_pretrained(model_args.model_name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
@@ -196,8 +201,12 @@ def main() -> None:
         elif model_args.text_model_name_or_path:  # BERT's vocabulary, [DEC] and [ENC] added
             tokenizer = blip_tokenizer_for(model_args.text_model_name_or_path)
         else:
-            with skip_report.not_counting():  # a pass over the captions for the vocabulary is not an epoch
-                tokenizer = build_tokenizer(corpus=train_dataset["caption"], vocab_size=model_args.vocab_size)
+            # Trained once for every rank (or read back from the checkpoint a resumed run continues): WordPiece need
+            # not number the tokens alike twice. A pass over the captions for the vocabulary is not an epoch.
+            with skip_report.not_counting():
+                tokenizer = run_vocabulary(
+                    lambda: train_dataset["caption"], model_args.vocab_size, training_args, resume_checkpoint
+                )
         config = pretraining_config(
             model_args.model_size,
             model_args.image_size,
@@ -248,7 +257,7 @@ def main() -> None:
             decay_rate=optimization_args.lr_decay_rate,
         )
     try:
-        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.train(resume_from_checkpoint=resume_checkpoint)
     except CheckpointError as error:  # a damaged or unsealed checkpoint: say which file, not a traceback
         raise SystemExit(f"error: {error}") from error
     trainer.save_model()

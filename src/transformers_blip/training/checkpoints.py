@@ -234,6 +234,17 @@ class VerifiedCheckpointsMixin:
         super()._load_best_model()
 
 
+def checkpoint_to_resume(args) -> str | None:
+    """The checkpoint a run's `--resume_from_checkpoint` names (`TrainingArguments`); given alone (True), the newest
+    complete one of `output_dir`; None for a fresh run."""
+    resume = args.resume_from_checkpoint
+    if resume in (None, False, "False", ""):
+        return None
+    if resume is True or resume == "True":
+        return latest_complete_checkpoint(args.output_dir)
+    return resume
+
+
 def allow_resume_without_path(parser: HfArgumentParser) -> None:
     """Let a script's `--resume_from_checkpoint` stand alone: alone it means the newest complete checkpoint."""
     for action in parser._actions:
@@ -247,6 +258,7 @@ __all__ = [
     "CheckpointError",
     "VerifiedCheckpointsMixin",
     "allow_resume_without_path",
+    "checkpoint_to_resume",
     "latest_complete_checkpoint",
     "remove_interrupted_saves",
     "rotate_checkpoints",

@@ -34,9 +34,10 @@ from ..data import MAX_WORDS, BlipEvalTransform, DecodeImages, SkipReport, load_
 from ..evaluation.vqa_accuracy import vqa_accuracy
 from ..modeling_blip import BlipPreTrainedModel, replace_first_token
 from ..modeling_med import language_modeling_loss, mask_padding
-from ..processing_blip import build_tokenizer, text_config_token_kwargs
-from .checkpoints import latest_complete_checkpoint
+from ..processing_blip import text_config_token_kwargs
+from .checkpoints import checkpoint_to_resume
 from .model_sizes import pretraining_config
+from .vocabulary import run_vocabulary
 
 INFERENCE_MODES = ("rank", "generate")
 # "answer_loss": the original's score, the negated training loss of the answer (label-smoothed, summed over tokens);
@@ -348,11 +349,12 @@ def start_task_model(
     corpus: Callable[[], Sequence[str]] | None = None,
     vocab_size: int = 30522,
     resume_checkpoint: str | None = None,
+    training_args: TrainingArguments | None = None,
 ) -> tuple[BlipPreTrainedModel, PreTrainedTokenizerBase]:
     """The head a fine-tuning run starts from, with its tokenizer: a saved head (`model_name_or_path`), a head built
     from a pretraining run (`pretraining_checkpoint`, at `image_size`), or a fresh `model_size` model whose
-    vocabulary is trained on `corpus()`, or, when the run resumes, read back from `resume_checkpoint` (WordPiece
-    training need not number the tokens the same way twice)."""
+    vocabulary is trained on `corpus()` once for every rank (`training_args`'s main process), or, when the run
+    resumes, read back from `resume_checkpoint` (WordPiece training need not number the tokens the same way twice)."""
     if model_name_or_path and pretraining_checkpoint:
         raise ValueError("give --model_name_or_path or --pretraining_checkpoint, not both")
     if model_name_or_path:
@@ -365,22 +367,9 @@ def start_task_model(
         config.vision_config.image_size = image_size  # the ViT's position embeddings are resized to it
         model = task_head_from_pretraining(model_class, pretraining, config=config)
         return model, AutoTokenizer.from_pretrained(pretraining_checkpoint)
-    if resume_checkpoint is not None:
-        tokenizer = AutoTokenizer.from_pretrained(resume_checkpoint)
-    else:
-        tokenizer = build_tokenizer(corpus=corpus(), vocab_size=vocab_size)
+    tokenizer = run_vocabulary(corpus, vocab_size, training_args, resume_checkpoint)
     config = pretraining_config(model_size, image_size, text_config_token_kwargs(tokenizer))
     return model_class(config), tokenizer
-
-
-def checkpoint_to_resume(args: TrainingArguments) -> str | None:
-    """The checkpoint `--resume_from_checkpoint` names; given alone, the newest complete one of `output_dir`."""
-    resume = args.resume_from_checkpoint
-    if resume in (None, False, "False", ""):
-        return None
-    if resume is True or resume == "True":
-        return latest_complete_checkpoint(args.output_dir)
-    return resume
 
 
 def write_run_summary(output_dir: str, title: str, metrics: dict[str, Any], notes: Sequence[str] = ()) -> None:
