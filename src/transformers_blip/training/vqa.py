@@ -11,7 +11,7 @@
   plain log-likelihood on request.
 - The result file (`write_vqa_results`): `[{"question_id": int, "answer": str}]`, the evaluation server's format.
 
-`held_out_split`, `start_task_model`, `checkpoint_to_resume` and `write_run_summary` serve the NLVR2 script too.
+`held_out_split`, `start_task_model` and `write_run_summary` serve the NLVR2 script too.
 """
 
 from __future__ import annotations
