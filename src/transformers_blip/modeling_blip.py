@@ -780,14 +780,17 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         candidate_attention_mask: torch.Tensor | None = None,
         k: int = 128,
+        label_smoothing: float = 0.0,
     ) -> BlipAnswerRanking:
         r"""
         Picks each question's answer from a candidate list, as BLIP's `rank` inference: keep the `k` candidates whose
-        first token is most probable, score each whole candidate by its log-likelihood, return the best.
+        first token is most probable, score each whole candidate, return the best.
 
         Args:
             candidate_input_ids (`torch.LongTensor` of shape `(C, L_a)`): tokenized candidate answers.
             k (`int`): candidates scored in full per question (capped at C).
+            label_smoothing (`float`): a candidate's score is minus its summed LM loss with this smoothing: 0 gives
+                its exact log-likelihood; the original ranks with its training smoothing (0.1).
         """
         _, question_embeds = self.encode_question(input_ids, pixel_values, attention_mask)
         question_key_values = self.text_decoder.bert.image_key_values(question_embeds, attention_mask)
@@ -810,8 +813,7 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
         )
         logits = self.text_decoder(kept_ids, attention_mask=kept_mask, image_key_values=question_key_values).logits
         targets = mask_padding(kept_ids, self.config.text_config.pad_token_id)
-        # Unsmoothed: a ranking wants each answer's true log-likelihood, the negated summed LM loss.
-        answer_nll = language_modeling_loss(logits, targets, label_smoothing=0.0, reduction="none")  # (B*k,)
+        answer_nll = language_modeling_loss(logits, targets, label_smoothing, reduction="none")  # (B*k,)
         answer_log_probs = -answer_nll.view(num_questions, k)  # (B, k)
         best = answer_log_probs.argmax(dim=1)
         return BlipAnswerRanking(

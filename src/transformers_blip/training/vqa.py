@@ -32,8 +32,7 @@ from ..benchmark import build_synthetic_benchmark
 from ..convert.pretraining import task_head_from_pretraining
 from ..data import MAX_WORDS, BlipEvalTransform, DecodeImages, SkipReport, load_vqa, vqa_answer_list
 from ..evaluation.vqa_accuracy import vqa_accuracy
-from ..modeling_blip import BlipPreTrainedModel, replace_first_token
-from ..modeling_med import language_modeling_loss, mask_padding
+from ..modeling_blip import BlipPreTrainedModel
 from ..processing_blip import text_config_token_kwargs
 from .checkpoints import checkpoint_to_resume
 from .model_sizes import pretraining_config
@@ -194,29 +193,12 @@ def rank_answers(
     """
     if scoring not in RANK_SCORINGS:
         raise ValueError(f"scoring must be one of {RANK_SCORINGS}, got {scoring!r}")
-    if scoring == "log_likelihood":
-        return model.rank(
-            input_ids, pixel_values, candidate_input_ids, attention_mask, candidate_attention_mask, k=k
-        ).answer_index
-    decoder, text_config = model.text_decoder, model.config.text_config
-    _, question_embeds = model.encode_question(input_ids, pixel_values, attention_mask)
-    question_key_values = decoder.bert.image_key_values(question_embeds, attention_mask)
-    num_questions = question_embeds.shape[0]
-    k = min(k, candidate_input_ids.shape[0])
-    candidates = replace_first_token(candidate_input_ids, text_config.decoder_bos_token_id)
-
-    # The same k candidates as `rank` keeps: the most probable first tokens after [DEC].
-    first_logits = decoder(candidates[:1, :1].expand(num_questions, 1), image_key_values=question_key_values).logits
-    first_scores = first_logits[:, 0].log_softmax(dim=-1)[:, candidates[:, 1]]  # (B, C)
-    topk_indices = first_scores.topk(k, dim=1).indices  # (B, k)
-
-    kept = topk_indices.reshape(-1)  # (B*k,), question by question
-    kept_mask = candidate_attention_mask[kept] if candidate_attention_mask is not None else None
-    logits = decoder(candidates[kept], attention_mask=kept_mask, image_key_values=question_key_values).logits
-    targets = mask_padding(candidates[kept], text_config.pad_token_id)
-    loss = language_modeling_loss(logits, targets, decoder.config.label_smoothing, reduction="none")  # (B*k,)
-    best = (-loss).view(num_questions, k).argmax(dim=1)  # (B,)
-    return topk_indices.gather(1, best[:, None]).squeeze(1)
+    smoothing = model.text_decoder.config.label_smoothing if scoring == "answer_loss" else 0.0
+    ranking = model.rank(
+        input_ids, pixel_values, candidate_input_ids, attention_mask, candidate_attention_mask, k=k,
+        label_smoothing=smoothing,
+    )  # fmt: skip
+    return ranking.answer_index
 
 
 class AnswerPredictor:
