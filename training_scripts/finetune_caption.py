@@ -30,9 +30,9 @@ from transformers_blip.data import BlipEvalTransform, BlipTrainTransform, SkipRe
 from transformers_blip.processing_blip import build_tokenizer, text_config_token_kwargs
 from transformers_blip.training import (
     MODEL_SIZES,
-    RECIPES,
     BlipFineTuningTrainer,
-    BlipLRSchedule,
+    OptimizationArguments,
+    apply_optimization_arguments,
     check_processes_train_together,
     optimizer_steps_per_epoch,
     parse_with_recipe,
@@ -99,16 +99,6 @@ class CaptionArguments:
     eval_meteor: bool = field(default=False, metadata={"help": "METEOR every evaluation too (Java, ~10 s more)."})
 
 
-@dataclass
-class OptimizationArguments:
-    recipe: str | None = field(
-        default=None, metadata={"help": f"The original's values: {', '.join(sorted(RECIPES))}."}
-    )
-    lr_schedule: str = field(default="trainer", metadata={"help": "trainer (--lr_scheduler_type) or epoch_cosine."})
-    min_lr: float = field(default=0.0, metadata={"help": "End of BLIP's cosine."})
-    weight_decay_all: bool = field(default=False, metadata={"help": "Decay biases and norms too, as the original."})
-
-
 def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser(
         (ModelArguments, DataArguments, CaptionArguments, OptimizationArguments, TrainingArguments)
@@ -172,12 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         task_evaluation=evaluation,
     )  # fmt: skip
-    trainer.decay_all_parameters = optimization_args.weight_decay_all
-    if optimization_args.lr_schedule != "trainer":
-        trainer.blip_lr_schedule = BlipLRSchedule.for_run(
-            optimization_args.lr_schedule, training_args, optimizer_steps_per_epoch(train, training_args),
-            min_lr=optimization_args.min_lr,
-        )  # fmt: skip
+    apply_optimization_arguments(trainer, optimization_args, optimizer_steps_per_epoch(train, training_args))
     try:
         trainer.train(resume_from_checkpoint=resume)
     except CheckpointError as error:  # a damaged or unsealed checkpoint: say which file, not a traceback

@@ -27,10 +27,10 @@ from transformers_blip.data import BlipTrainTransform, SkipReport
 from transformers_blip.evaluation.vqa_accuracy import nlvr_accuracy
 from transformers_blip.modeling_nlvr import BlipForVisualReasoning
 from transformers_blip.training import (
-    RECIPES,
     BlipFineTuningTrainer,
-    BlipLRSchedule,
     DecodingCollator,
+    OptimizationArguments,
+    apply_optimization_arguments,
     check_processes_train_together,
     optimizer_steps_per_epoch,
     parse_with_recipe,
@@ -76,16 +76,6 @@ class DataArguments:
     min_crop_scale: float = field(default=0.5, metadata={"help": "Smallest random crop (BLIP: 0.5)."})
     randaugment: bool = field(default=True, metadata={"help": "RandAugment (2 operations, magnitude 5)."})
     strict_data: bool = field(default=False, metadata={"help": "Stop at the first bad record or image."})
-
-
-@dataclass
-class OptimizationArguments:
-    recipe: str | None = field(default=None, metadata={"help": f"A preset: {', '.join(sorted(RECIPES))}."})
-    lr_schedule: str = field(
-        default="trainer", metadata={"help": "epoch_cosine is the original's.", "choices": ("trainer", "epoch_cosine")}
-    )
-    min_lr: float = field(default=0.0, metadata={"help": "End of the epoch cosine."})
-    weight_decay_all: bool = field(default=False, metadata={"help": "Decay biases and norms too, as the original."})
 
 
 def build_parser() -> HfArgumentParser:
@@ -139,12 +129,7 @@ def main(args: list[str] | None = None) -> None:
         data_collator=DecodingCollator(decode_pairs(report), collate), processing_class=tokenizer,
         task_evaluation=nlvr_evaluation(tokenizer, model_args.image_size, eval_batch_size, report),
     )  # fmt: skip
-    trainer.decay_all_parameters = optimization_args.weight_decay_all
-    if optimization_args.lr_schedule != "trainer":
-        steps_per_epoch = optimizer_steps_per_epoch(splits["train"], training_args)
-        trainer.blip_lr_schedule = BlipLRSchedule.for_run(
-            optimization_args.lr_schedule, training_args, steps_per_epoch, min_lr=optimization_args.min_lr
-        )
+    apply_optimization_arguments(trainer, optimization_args, optimizer_steps_per_epoch(splits["train"], training_args))
     try:
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     except CheckpointError as error:

@@ -27,10 +27,10 @@ from transformers import HfArgumentParser, IntervalStrategy, TrainingArguments
 from transformers_blip.data import BlipTrainTransform, DecodeImages, SkipReport
 from transformers_blip.modeling_blip import BlipForQuestionAnswering
 from transformers_blip.training import (
-    RECIPES,
     BlipFineTuningTrainer,
-    BlipLRSchedule,
     DecodingCollator,
+    OptimizationArguments,
+    apply_optimization_arguments,
     check_processes_train_together,
     optimizer_steps_per_epoch,
     parse_with_recipe,
@@ -98,16 +98,6 @@ class DataArguments:
     strict_data: bool = field(default=False, metadata={"help": "Stop at the first bad record or image."})
 
 
-@dataclass
-class OptimizationArguments:
-    recipe: str | None = field(default=None, metadata={"help": f"A preset: {', '.join(sorted(RECIPES))}."})
-    lr_schedule: str = field(
-        default="trainer", metadata={"help": "epoch_cosine is the original's.", "choices": ("trainer", "epoch_cosine")}
-    )
-    min_lr: float = field(default=0.0, metadata={"help": "End of the epoch cosine."})
-    weight_decay_all: bool = field(default=False, metadata={"help": "Decay biases and norms too, as the original."})
-
-
 def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser(
         (ModelArguments, InferenceArguments, DataArguments, OptimizationArguments, TrainingArguments)
@@ -164,12 +154,7 @@ def main(args: list[str] | None = None) -> None:
         data_collator=DecodingCollator(decode, VqaCollator(tokenizer)), processing_class=tokenizer,
         task_evaluation=vqa_evaluation(predictor),
     )  # fmt: skip
-    trainer.decay_all_parameters = optimization_args.weight_decay_all
-    if optimization_args.lr_schedule != "trainer":
-        steps_per_epoch = optimizer_steps_per_epoch(splits["train"], training_args)
-        trainer.blip_lr_schedule = BlipLRSchedule.for_run(
-            optimization_args.lr_schedule, training_args, steps_per_epoch, min_lr=optimization_args.min_lr
-        )
+    apply_optimization_arguments(trainer, optimization_args, optimizer_steps_per_epoch(splits["train"], training_args))
     try:
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     except CheckpointError as error:

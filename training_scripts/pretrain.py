@@ -38,11 +38,11 @@ from transformers_blip.modeling_pretraining import BlipForPreTraining
 from transformers_blip.processing_blip import build_tokenizer, text_config_token_kwargs
 from transformers_blip.training import (
     MODEL_SIZES,
-    RECIPES,
-    BlipLRSchedule,
     BlipPreTrainingTrainer,
     DecodingCollator,
     ImageTextCollator,
+    OptimizationArguments,
+    apply_optimization_arguments,
     check_processes_train_together,
     load_pretraining_pairs,
     optimizer_steps_per_epoch,
@@ -99,27 +99,6 @@ class ModelArguments:
 
 
 @dataclass
-class OptimizationArguments:
-    recipe: str | None = field(
-        default=None, metadata={"help": f"A preset of the original's values: {', '.join(sorted(RECIPES))}."}
-    )
-    lr_schedule: str = field(
-        default="trainer",
-        metadata={
-            "help": "trainer (--lr_scheduler_type), or BLIP's: step_decay_with_warmup (pretraining: --warmup_lr to "
-            "--learning_rate over --warmup_steps, then x --lr_decay_rate per epoch, floor --min_lr) or epoch_cosine."
-        },
-    )
-    min_lr: float = field(default=1e-6, metadata={"help": "Floor (or end) of BLIP's schedules."})
-    warmup_lr: float = field(default=1e-6, metadata={"help": "Where BLIP's pretraining warm-up starts."})
-    lr_decay_rate: float = field(default=0.9, metadata={"help": "BLIP's pretraining decay per epoch."})
-    weight_decay_all: bool = field(
-        default=False,
-        metadata={"help": "Weight decay on biases and norms too, as the original (Trainer exempts them)."},
-    )
-
-
-@dataclass
 class DataArguments:
     source: str = field(
         default="synthetic",
@@ -154,7 +133,7 @@ def build_parser() -> HfArgumentParser:
         output_dir="outputs/pretrain", learning_rate=3e-4, weight_decay=0.05, lr_scheduler_type="cosine",
         warmup_steps=0.05, num_train_epochs=1, per_device_train_batch_size=32, logging_steps=10,
         save_strategy="epoch", report_to="none", remove_unused_columns=False,
-        use_cpu=not torch.accelerator.is_available(),
+        use_cpu=not torch.accelerator.is_available(), min_lr=1e-6,
     )  # fmt: skip
     return parser
 
@@ -246,16 +225,7 @@ def main() -> None:
         data_collator=collator,
         processing_class=tokenizer,
     )
-    trainer.decay_all_parameters = optimization_args.weight_decay_all
-    if optimization_args.lr_schedule != "trainer":
-        trainer.blip_lr_schedule = BlipLRSchedule.for_run(
-            optimization_args.lr_schedule,
-            training_args,
-            steps_per_epoch,
-            min_lr=optimization_args.min_lr,
-            warmup_lr=optimization_args.warmup_lr,
-            decay_rate=optimization_args.lr_decay_rate,
-        )
+    apply_optimization_arguments(trainer, optimization_args, steps_per_epoch)
     try:
         trainer.train(resume_from_checkpoint=resume_checkpoint)
     except CheckpointError as error:  # a damaged or unsealed checkpoint: say which file, not a traceback

@@ -21,7 +21,13 @@ from .data_sources import PAIR_COLUMNS, load_pretraining_pairs, with_caption_len
 from .finetuning import BlipFineTuningTrainer
 from .model_sizes import MODEL_SIZES, pretraining_config
 from .recipes import RECIPES, parse_with_recipe
-from .schedules import BlipLRSchedule, BlipOptimizationMixin, blip_lr_scheduler
+from .schedules import (
+    BlipLRSchedule,
+    BlipOptimizationMixin,
+    OptimizationArguments,
+    apply_optimization_arguments,
+    blip_lr_scheduler,
+)
 from .trainer import (
     LOGGED_LOSSES,
     BlipPreTrainingTrainer,
@@ -56,10 +62,12 @@ __all__ = [
     "DecodingCollator",
     "ImageTextCollator",
     "MomentumUpdateCallback",
+    "OptimizationArguments",
     "VerifiedCheckpointsMixin",
     "check_processes_train_together",
     "latest_complete_checkpoint",
     "load_pretraining_pairs",
+    "apply_optimization_arguments",
     "blip_lr_scheduler",
     "optimizer_steps_per_epoch",
     "parse_with_recipe",

@@ -17,7 +17,7 @@ exempts them) and never clips gradients; `BlipOptimizationMixin` gives a Trainer
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -125,9 +125,55 @@ class BlipOptimizationMixin:
         return self.lr_scheduler
 
 
+@dataclass
+class OptimizationArguments:
+    """The command-line arguments of BLIP's optimisation, shared by the training scripts (`HfArgumentParser`)."""
+
+    recipe: str | None = field(
+        default=None, metadata={"help": "A preset of the original's values (transformers_blip.training.RECIPES)."}
+    )
+    lr_schedule: str = field(
+        default="trainer",
+        metadata={
+            "help": "trainer (--lr_scheduler_type), or BLIP's: step_decay_with_warmup (pretraining: --warmup_lr to "
+            "--learning_rate over --warmup_steps, then x --lr_decay_rate per epoch, floor --min_lr) or "
+            "epoch_cosine (fine-tuning: from --learning_rate at epoch 0 towards --min_lr).",
+            "choices": ("trainer", *SCHEDULE_KINDS),
+        },
+    )
+    min_lr: float = field(default=0.0, metadata={"help": "Floor (or end) of BLIP's schedules."})
+    warmup_lr: float = field(default=1e-6, metadata={"help": "Where BLIP's pretraining warm-up starts."})
+    lr_decay_rate: float = field(default=0.9, metadata={"help": "BLIP's pretraining decay per epoch."})
+    weight_decay_all: bool = field(
+        default=False, metadata={"help": "Decay biases and norms too, as the original; Trainer spares them."}
+    )
+
+
+def apply_optimization_arguments(trainer, args: OptimizationArguments, steps_per_epoch: int) -> None:
+    """Gives a `BlipOptimizationMixin` trainer the optimisation `args` ask for."""
+    trainer.decay_all_parameters = args.weight_decay_all
+    if args.lr_schedule != "trainer":
+        trainer.blip_lr_schedule = BlipLRSchedule.for_run(
+            args.lr_schedule,
+            trainer.args,
+            steps_per_epoch,
+            min_lr=args.min_lr,
+            warmup_lr=args.warmup_lr,
+            decay_rate=args.lr_decay_rate,
+        )
+
+
 def describe_schedule(schedule: BlipLRSchedule) -> str:
     """One line for the log: the schedule's fields."""
     return ", ".join(f"{name}={value}" for name, value in asdict(schedule).items())
 
 
-__all__ = ["SCHEDULE_KINDS", "BlipLRSchedule", "BlipOptimizationMixin", "blip_lr_scheduler", "describe_schedule"]
+__all__ = [
+    "SCHEDULE_KINDS",
+    "BlipLRSchedule",
+    "BlipOptimizationMixin",
+    "OptimizationArguments",
+    "apply_optimization_arguments",
+    "blip_lr_scheduler",
+    "describe_schedule",
+]
