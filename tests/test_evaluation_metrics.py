@@ -253,3 +253,15 @@ print(json.dumps(out))
     assert out["nlvr"] == {"accuracy": 50.0}
     assert out["retrieval"]["txt_r1"] == 100.0 and out["retrieval"]["img_r1"] == 50.0
     assert out["caption"]["ROUGE_L"] == pytest.approx(1.0) and "METEOR" not in out["caption"]
+
+
+def test_itc_recall_at_k_is_retrieval_recall_with_one_matrix():
+    from transformers_blip.evaluation import recall_at_k
+
+    generator = torch.Generator().manual_seed(1)
+    text_to_image = [i // 3 for i in range(30)]  # 10 images x 3 texts
+    similarity = torch.randn(10, 30, generator=generator)
+    metrics = recall_at_k(similarity, torch.tensor(text_to_image))
+    expected = itm_eval_by_argsort(similarity.numpy(), similarity.t().numpy(), text_to_image)
+    for name, value in expected.items():
+        assert metrics[name] == pytest.approx(value), name

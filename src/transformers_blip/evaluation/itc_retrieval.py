@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data import pre_caption
 from ..training.callbacks import unwrap_model
+from .retrieval_metrics import retrieval_recall
 
 
 @torch.no_grad()
@@ -40,23 +41,9 @@ def itc_features(
 
 
 def recall_at_k(similarity: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict:
-    """Retrieval recall@K in percent from an image-text similarity (I, T) and each text's image index (T,).
-
-    Image-to-text counts an image as found when any of its texts ranks within K; text-to-image, when its image does.
-    """
-    num_images = similarity.shape[0]
-    # Rank of each text's own image among all images: how many images score strictly higher.
-    own_image_score = similarity[text_to_image, torch.arange(similarity.shape[1])]  # (T,)
-    t2i_rank = (similarity > own_image_score[None, :]).sum(dim=0)  # (T,)
-    # For each image, the best rank among its texts.
-    own_text = text_to_image[None, :] == torch.arange(num_images)[:, None]  # (I, T)
-    best_own_score = similarity.masked_fill(~own_text, float("-inf")).max(dim=1).values  # (I,)
-    i2t_rank = (similarity.masked_fill(own_text, float("-inf")) > best_own_score[:, None]).sum(dim=1)  # (I,)
-    metrics = {}
-    for k in ks:
-        metrics[f"txt_r{k}"] = 100.0 * (i2t_rank < k).float().mean().item()
-        metrics[f"img_r{k}"] = 100.0 * (t2i_rank < k).float().mean().item()
-    return metrics
+    """Retrieval recall@K in percent from one image-text similarity (I, T) and each text's image index (T,):
+    `retrieval_recall` with the same scores both ways, as ITC alone gives them."""
+    return retrieval_recall(similarity, similarity.t(), text_to_image, ks)
 
 
 def itc_retrieval_recall(
