@@ -214,6 +214,10 @@ class BlipConfig(PretrainedConfig):
         itc_temperature_min (`float`, defaults to 0.001), itc_temperature_max (`float`, defaults to 0.5): its range.
         prompt (`str`, defaults to `"a picture of "`): captioning prompt; its tokens are masked in the LM loss and
             stripped from generated captions.
+        prompt_token_ids (`list[int]`, *optional*): the ids of `prompt`'s tokens (no special tokens) under the
+            model's tokenizer, which the config cannot derive itself; the captioner masks them in the loss of every
+            training text that starts with them. Set by whoever holds the tokenizer (the caption fine-tuning does);
+            `None`: the texts are taken to carry no prompt.
         queue_size (`int`, defaults to 57600): size of the ITC feature queues of the pretraining/retrieval models.
         momentum (`float`, defaults to 0.995): EMA rate of the momentum encoders.
         alpha (`float`, defaults to 0.4): weight of the momentum model's soft ITC targets.
@@ -238,6 +242,7 @@ class BlipConfig(PretrainedConfig):
         itc_temperature_min: float = 0.001,
         itc_temperature_max: float = 0.5,
         prompt: str = "a picture of ",
+        prompt_token_ids: list[int] | None = None,
         queue_size: int = 57600,
         momentum: float = 0.995,
         alpha: float = 0.4,
@@ -261,6 +266,7 @@ class BlipConfig(PretrainedConfig):
         self.itc_temperature_min = itc_temperature_min
         self.itc_temperature_max = itc_temperature_max
         self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids) if prompt_token_ids is not None else None
         self.queue_size = queue_size
         self.momentum = momentum
         self.alpha = alpha
