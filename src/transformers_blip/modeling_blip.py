@@ -441,7 +441,7 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        prompt_length: int = 0,
+        prompt_length: int | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
     ) -> BlipCaptionOutput:
@@ -451,18 +451,19 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
             input_ids (`torch.LongTensor` of shape `(B, L)`): tokenized captions (`[CLS]` is replaced by `[DEC]`).
             labels (`torch.LongTensor` of shape `(B, L)`, *optional*): targets aligned with `input_ids`, usually
                 `input_ids` itself. Pads, `[DEC]` and the `prompt_length` prompt tokens after it get no loss.
-            prompt_length (`int`): number of prompt tokens after `[DEC]`, e.g. 3 for "a picture of " ("a",
-                "picture", "of"; `training.captioning.caption_prompt_length` counts them). The original's
-                `prompt_length` counts `[DEC]` too (4 for that prompt), so it is this value plus one. The model has
-                no tokenizer to count `config.prompt` with: 0 suits texts without a prompt, and the caption
-                fine-tuning collator (`CaptionTrainingCollator`) passes the prompt's count with every batch.
+            prompt_length (`int`, *optional*): number of prompt tokens after `[DEC]` in every text, e.g. 3 for
+                "a picture of " ("a", "picture", "of"; `training.captioning.caption_prompt_length` counts them);
+                the original's `prompt_length` counts `[DEC]` too (4 for that prompt). 0: the texts carry no
+                prompt. By default each text is looked at: one that starts with `config.prompt_token_ids` (the
+                configured prompt's tokens) has them masked, as the original masks its prompt, and one that does not
+                has only `[DEC]` masked, so that no caption word ever loses its loss.
             output_hidden_states (`bool`, *optional*): also return every layer's states (`vision_hidden_states`,
                 `decoder_hidden_states`; default: the config's).
             output_attentions (`bool`, *optional*): refused when true: attention weights are not returned.
         """
         output_hidden_states = hidden_states_requested(self, output_hidden_states, output_attentions)
         check_batch_sizes(pixel_values, input_ids)
-        if not 0 <= prompt_length < input_ids.shape[1]:
+        if prompt_length is not None and not 0 <= prompt_length < input_ids.shape[1]:
             raise ValueError(
                 f"prompt_length must be in [0, {input_ids.shape[1]}) for these texts, got {prompt_length}"
             )
@@ -478,7 +479,8 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             targets = mask_padding(labels, self.config.text_config.pad_token_id)
-            targets[:, : prompt_length + 1] = -100  # `[DEC]` and the prompt are given, not predicted
+            # `[DEC]` and the prompt are given, not predicted.
+            targets = targets.masked_fill(self._prompt_positions(input_ids, prompt_length), -100)
             loss = language_modeling_loss(outputs.logits, targets, self.config.text_config.label_smoothing)
         return BlipCaptionOutput(
             loss=loss,
@@ -487,6 +489,22 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
             vision_hidden_states=vision_output.hidden_states,
             decoder_hidden_states=outputs.hidden_states,
         )
+
+    def _prompt_positions(self, input_ids: torch.Tensor, prompt_length: int | None) -> torch.Tensor:
+        """(B, L) True at `[DEC]` and at the prompt tokens that follow it: the first `prompt_length` when given,
+        else `config.prompt_token_ids` in each row that starts with them (a row without them: `[DEC]` alone)."""
+        batch_size, length = input_ids.shape
+        positions = torch.arange(length, device=input_ids.device)  # (L,)
+        if prompt_length is None:
+            prompt_ids = self.config.prompt_token_ids or []
+            prompted = torch.zeros(batch_size, dtype=torch.bool, device=input_ids.device)  # (B,)
+            if 0 < len(prompt_ids) < length:
+                expected = torch.tensor(prompt_ids, device=input_ids.device)  # (P,)
+                prompted = (input_ids[:, 1 : len(prompt_ids) + 1] == expected).all(dim=1)
+            lengths = prompted.long() * len(prompt_ids)  # (B,)
+        else:
+            lengths = torch.full((batch_size,), prompt_length, device=input_ids.device)
+        return positions[None, :] <= lengths[:, None]  # (B, L)
 
     def _decoder_prompt(
         self, batch_size: int, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, device
