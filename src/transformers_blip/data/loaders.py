@@ -176,6 +176,26 @@ def load_coco_karpathy(
     return _as_dataset(rows, features, (), [annotation_file])
 
 
+def load_nocaps(annotation_file: PathLike, image_root: PathLike, report: SkipReport | None = None) -> Dataset:
+    """A NoCaps annotation file as BLIP releases it (`nocaps_val.json`, `nocaps_test.json`): a list of
+    `{"image": path, "img_id": int}`, images only, as NoCaps' references stay on its evaluation server.
+
+    Columns: image, image_id (the record's `img_id`, the id NoCaps' results name). A record without an integer
+    `img_id` is skipped and recorded.
+    """
+
+    def make_row(record: dict, source: str) -> dict:
+        image = _image_value(required_field(record, "image", source, str), image_root)
+        image_id = required_field(record, "img_id", source, (int, str))
+        if isinstance(image_id, bool) or not str(image_id).isdigit():
+            raise BadSampleError(source, "missing_field", f"'img_id' {image_id!r} is not a whole number")
+        return {"image": image, "image_id": int(image_id)}
+
+    rows = _read_rows([annotation_file], make_row, _report_or_default(report))
+    features = Features({"image": ImageFeature(decode=False), "image_id": Value("int64")})
+    return _as_dataset(rows, features, (), [annotation_file])
+
+
 def load_caption_json(
     annotation_files: PathLike | Sequence[PathLike],
     image_root: PathLike | None = None,
