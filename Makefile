@@ -12,7 +12,7 @@ $(STAMP): setup.py requirements/ci.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c requirements/ci.txt -e ".[dev]"
+	$(PY) -m pip install --quiet -c requirements/ci.txt -e ".[dev,app,demo]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -22,7 +22,12 @@ install_requires = [
 ]
 
 extras_require = {
-    "dev": ["pytest>=8,<10", "ruff>=0.6,<0.18"],
+    # The Gradio web app (`blip serve`, app/app.py). Gradio 6 caps pillow below 13.
+    "app": ["gradio>=6.0,<7"],
+    # `make demo`'s report plots its losses and learning rate.
+    "demo": ["matplotlib>=3.8,<4"],
+    # selenium drives Debian's chromium (with its chromium-driver) in the browser test of the app.
+    "dev": ["pytest>=8,<10", "ruff>=0.6,<0.18", "selenium>=4.20,<5"],
 }
 
 setup(
