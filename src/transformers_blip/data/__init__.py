@@ -5,6 +5,7 @@ more release.
 """
 
 from .annotations import stable_id
+from .bootstrapped import capfilt_files, load_capfilt_output, read_capfilt_manifest
 from .decoding import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, decode_text, load_image, to_rgb
 from .loaders import (
     load_caption_json,
@@ -49,12 +50,14 @@ __all__ = [
     "SkipReport",
     "SkippedSample",
     "SkippingCollator",
+    "capfilt_files",
     "collate_rows",
     "decode_text",
     "drop_skipped",
     "expand_shards",
     "flatten_captions",
     "load_caption_json",
+    "load_capfilt_output",
     "load_coco_karpathy",
     "load_image",
     "load_image_folder",
@@ -66,6 +69,7 @@ __all__ = [
     "mirror_pair",
     "pre_caption",
     "pre_question",
+    "read_capfilt_manifest",
     "stable_id",
     "stream_parquet",
     "swap_sides",
