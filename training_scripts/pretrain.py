@@ -96,6 +96,21 @@ class ModelArguments:
         default=None,
         metadata={"help": "Start the text encoder and decoder from BERT (hub id or directory); its vocab too."},
     )
+    drop_path_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stochastic depth of the ViT's last block (0.1 for ViT-L, as the original); default: the "
+            "size's or the checkpoint's (0)."
+        },
+    )
+    vision_gradient_checkpointing_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Checkpoint only the last N ViT blocks (the original's vit_ckpt_layer). Alone it checkpoints "
+            "those ViT blocks only, as the original's vit_grad_ckpt; with --gradient_checkpointing the text "
+            "layers too."
+        },
+    )
 
 
 @dataclass
@@ -199,6 +214,7 @@ def main() -> None:
         )
         model = BlipForPreTraining(config)
         start_from_pretrained_encoders(model, model_args, training_args)
+    apply_vision_arguments(model, model_args, training_args)
 
     # Images are decoded and augmented (broken ones skipped and counted), texts tokenized, in the DataLoader workers.
     # `--train_sampling_strategy group_by_length` batches captions of similar length and pads them to the longest
@@ -240,6 +256,18 @@ def main() -> None:
         metrics = itc_retrieval_recall(model, held_out, tokenizer, eval_transform, max_length=model_args.max_length)
         trainer.log_metrics("held_out", metrics)
         trainer.save_metrics("held_out", metrics)
+
+
+def apply_vision_arguments(model, model_args: ModelArguments, training_args: TrainingArguments) -> None:
+    """Stochastic depth and the checkpointed ViT blocks, set on the config that the ViT reads at every call, so they
+    hold for a fresh model and a loaded one alike."""
+    vision_config = model.config.vision_config
+    if model_args.drop_path_rate is not None:
+        vision_config.drop_path_rate = model_args.drop_path_rate
+    if model_args.vision_gradient_checkpointing_layers is not None:
+        vision_config.gradient_checkpointing_layers = model_args.vision_gradient_checkpointing_layers
+        if not training_args.gradient_checkpointing:  # Trainer would enable it on the whole model
+            model.vision_model.activation_checkpointing_enable()
 
 
 def start_from_pretrained_encoders(model, model_args: ModelArguments, training_args: TrainingArguments) -> None:

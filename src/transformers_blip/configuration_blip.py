@@ -63,6 +63,17 @@ def _config_overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k not in _LOADING_ARGUMENTS}
 
 
+def check_gradient_checkpointing_layers(value: int | None) -> None:
+    """Refuses a `gradient_checkpointing_layers` that is neither `None` nor a non-negative count of blocks."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"gradient_checkpointing_layers must be None (every ViT block) or a number of last blocks >= 0, "
+            f"got {value!r}"
+        )
+
+
 class BlipVisionConfig(PretrainedConfig):
     r"""
     Configuration of [`BlipVisionModel`], the ViT image encoder of BLIP (timm-style: pre-norm blocks, fused qkv,
@@ -82,8 +93,13 @@ class BlipVisionConfig(PretrainedConfig):
             BLIP config defaults to 1e-5, and a loaded config keeps whatever it names).
         attention_dropout (`float`, defaults to 0.0): dropout on attention probabilities.
         drop_path_rate (`float`, defaults to 0.0): stochastic depth, rising linearly to this rate over the blocks
-            (0.1 for ViT-L in the original).
+            (0.1 for ViT-L in the original). The blocks read it at every call, so a value set on the config of a built
+            model takes effect too.
         initializer_range (`float`, defaults to 0.02): std of the truncated normal init.
+        gradient_checkpointing_layers (`int`, *optional*): which blocks recompute their activations in the backward
+            pass once gradient checkpointing is enabled (`model.activation_checkpointing_enable()`, or Trainer's
+            `--gradient_checkpointing`): `None` every block, `N` only the last `N` (the original's `vit_ckpt_layer`),
+            `0` none, as in the original; `N` above the depth means every block. Read at every call.
     """
 
     model_type = "tblip_vision_model"
@@ -103,8 +119,10 @@ class BlipVisionConfig(PretrainedConfig):
         attention_dropout: float = 0.0,
         drop_path_rate: float = 0.0,
         initializer_range: float = 0.02,
+        gradient_checkpointing_layers: int | None = None,
         **kwargs,
     ):
+        check_gradient_checkpointing_layers(gradient_checkpointing_layers)
         if hidden_size % num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads})"
@@ -121,6 +139,7 @@ class BlipVisionConfig(PretrainedConfig):
         self.attention_dropout = attention_dropout
         self.drop_path_rate = drop_path_rate
         self.initializer_range = initializer_range
+        self.gradient_checkpointing_layers = gradient_checkpointing_layers
         super().__init__(**kwargs)
 
 
@@ -228,6 +247,9 @@ class BlipConfig(PretrainedConfig):
         nlvr_merge_from_layer (`int`, *optional*): in the NLVR2 head, the first text layer whose two cross-attention
             outputs (one per image) are concatenated and projected rather than averaged. Defaults to half the text
             layers (6 of BERT-base's 12, as the original).
+        drop_path_rate (`float`, *optional*): the ViT's stochastic depth, `vision_config.drop_path_rate` under a
+            shorter name, so that `BlipConfig(drop_path_rate=0.1)` and `from_pretrained(path, drop_path_rate=0.1)`
+            reach the ViT. Not a field of its own: reading or setting it reads or sets the vision config's.
     """
 
     model_type = "tblip"
@@ -278,6 +300,15 @@ class BlipConfig(PretrainedConfig):
         self.nlvr_merge_from_layer = nlvr_merge_from_layer
         kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(**kwargs)
+
+    @property
+    def drop_path_rate(self) -> float:
+        """The ViT's stochastic depth: `vision_config.drop_path_rate`."""
+        return self.vision_config.drop_path_rate
+
+    @drop_path_rate.setter
+    def drop_path_rate(self, value: float) -> None:
+        self.vision_config.drop_path_rate = value
 
     def answer_decoder_config(self) -> BlipTextConfig:
         """The text config of VQA's answer decoder: it cross-attends to the question states, so its keys and values

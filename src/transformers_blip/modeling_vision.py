@@ -18,7 +18,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .configuration_blip import BlipVisionConfig
+from .configuration_blip import BlipVisionConfig, check_gradient_checkpointing_layers
 from .modeling_med import hidden_states_requested
 
 
@@ -159,30 +159,62 @@ class BlipVisionMLP(nn.Module):
 
 
 class BlipVisionLayer(GradientCheckpointingLayer):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)), each branch with stochastic depth."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)), each branch with stochastic depth.
 
-    def __init__(self, config: BlipVisionConfig, drop_path_rate: float = 0.0):
+    Its stochastic depth and whether it is checkpointed are read from the config at every call (`drop_path_rate`,
+    `gradient_checkpointing_layers`), so that a config changed after the model is built takes effect.
+    """
+
+    def __init__(self, config: BlipVisionConfig, layer_index: int):
         super().__init__()
+        self.config = config
+        self.layer_index = layer_index
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self_attn = BlipVisionAttention(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = BlipVisionMLP(config)
-        self.drop_path_rate = drop_path_rate
+        self._checkpointing_enabled = False
+
+    @property
+    def drop_path_rate(self) -> float:
+        """This block's stochastic depth: rising linearly from 0 at the first block to the config's rate at the
+        last, as timm's ViT (and so the original) spaces it."""
+        last = max(self.config.num_hidden_layers - 1, 1)
+        return self.config.drop_path_rate * self.layer_index / last
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether this block recomputes its activations in the backward pass: checkpointing is enabled on the model
+        and the block is among the last `config.gradient_checkpointing_layers` (every block when that is `None`)."""
+        return self._checkpointing_enabled and is_checkpointed_block(self.config, self.layer_index)
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enabled: bool) -> None:
+        # Set by transformers' `activation_checkpointing_enable()` / `..._disable()` on every layer.
+        self._checkpointing_enabled = enabled
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        drop_path_rate = self.drop_path_rate
         attn_output = self.self_attn(self.layer_norm1(hidden_states))
-        hidden_states = hidden_states + drop_path(attn_output, self.drop_path_rate, self.training)
+        hidden_states = hidden_states + drop_path(attn_output, drop_path_rate, self.training)
         mlp_output = self.mlp(self.layer_norm2(hidden_states))
-        return hidden_states + drop_path(mlp_output, self.drop_path_rate, self.training)
+        return hidden_states + drop_path(mlp_output, drop_path_rate, self.training)
+
+
+def is_checkpointed_block(config: BlipVisionConfig, layer_index: int) -> bool:
+    """Whether block `layer_index` is among those `config.gradient_checkpointing_layers` names: every block for
+    `None`, else the last N (the original's `i >= depth - vit_ckpt_layer`), so none for 0."""
+    checkpointed = config.gradient_checkpointing_layers
+    check_gradient_checkpointing_layers(checkpointed)
+    if checkpointed is None:
+        return True
+    return layer_index >= config.num_hidden_layers - checkpointed
 
 
 class BlipVisionEncoder(nn.Module):
     def __init__(self, config: BlipVisionConfig):
         super().__init__()
-        # Stochastic depth rises linearly with depth, as in timm's ViT.
-        last = max(config.num_hidden_layers - 1, 1)
-        rates = [config.drop_path_rate * i / last for i in range(config.num_hidden_layers)]
-        self.layers = nn.ModuleList([BlipVisionLayer(config, rate) for rate in rates])
+        self.layers = nn.ModuleList([BlipVisionLayer(config, index) for index in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
 
     def forward(self, hidden_states: torch.Tensor, output_hidden_states: bool = False):
