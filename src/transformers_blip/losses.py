@@ -194,7 +194,10 @@ def itc_loss(
 
 @torch.no_grad()
 def sample_hard_negatives(
-    logits: torch.Tensor, positives: torch.Tensor, generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    positives: torch.Tensor,
+    generator: torch.Generator | None = None,
+    floor: float = NEGATIVE_SAMPLING_FLOOR,
 ) -> torch.Tensor:
     r"""
     Draws one negative candidate per query, with probability proportional to the softmax of its similarity: the
@@ -205,16 +208,21 @@ def sample_hard_negatives(
         positives (`torch.BoolTensor` of shape `(B, P)`): candidates that must not be drawn (the pair itself, or every
             caption of the same image).
         generator (`torch.Generator`, *optional*): source of randomness (default: torch's global one).
+        floor (`float`): added to every softmax weight before the positives are zeroed: the original pretraining's
+            `NEGATIVE_SAMPLING_FLOOR`; 0 for the original retrieval fine-tuning, whose weights are the softmax alone.
 
     Returns:
-        `torch.LongTensor` of shape `(B,)`: the index of each query's negative in the pool. A query whose every
-        candidate is a positive (a degenerate batch) gets a uniformly drawn candidate, which is then a false negative.
+        `torch.LongTensor` of shape `(B,)`: the index of each query's negative in the pool. A query whose weights are
+        all zero is drawn uniformly among its non-positive candidates (without a floor the softmax may underflow),
+        and one whose every candidate is a positive (a degenerate batch) among all of them, a false negative then.
     """
-    weights = F.softmax(logits.float(), dim=1) + NEGATIVE_SAMPLING_FLOOR  # (B, P)
+    weights = F.softmax(logits.float(), dim=1) + floor  # (B, P)
     weights = weights.masked_fill(positives, 0.0)
-    no_negative = weights.sum(dim=1) == 0
-    if bool(no_negative.any()):
-        weights[no_negative] = 1.0
+    no_weight = weights.sum(dim=1) == 0
+    if bool(no_weight.any()):
+        non_positives = (~positives[no_weight]).float()
+        no_negative = non_positives.sum(dim=1, keepdim=True) == 0
+        weights[no_weight] = torch.where(no_negative, torch.ones_like(non_positives), non_positives)
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
@@ -229,6 +237,7 @@ def itm_labels(batch_size: int, device: torch.device) -> torch.Tensor:
 
 
 __all__ = [
+    "NEGATIVE_SAMPLING_FLOOR",
     "diagonal_positives",
     "gather_batch_sizes",
     "gather_texts",

@@ -1,5 +1,10 @@
 """BLIP pretraining: ITC with momentum distillation and feature queues, ITM with hard negatives, and LM, in one model.
 
+`BlipContrastiveMatchingModel` is what pretraining and retrieval fine-tuning share (the original's `blip_pretrain.py`
+and `blip_retrieval.py` hold two copies of it): the online and momentum encoders, the queues, ITC and ITM. The two
+models differ in how ITM negatives are drawn (class attributes, below) and in what they add: `BlipForPreTraining` the
+decoder and its LM loss, `BlipForRetrievalTraining` (modeling_retrieval_training.py) nothing but the image-id rule.
+
 `BlipForPreTraining` holds the ViT, the MED text encoder, the image-grounded decoder, the projections and the ITM head,
 plus momentum ("_m") copies of the ViT, the text encoder and both projections and the queues of their features. The
 image-grounded encoder and the decoder share every parameter except their self-attention layers (the paper's best
@@ -32,6 +37,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_blip import BlipConfig
 from .losses import (
+    NEGATIVE_SAMPLING_FLOOR,
     diagonal_positives,
     gather_batch_sizes,
     gather_texts,
@@ -136,32 +142,52 @@ class _PairFeatures:
         return torch.full((self.batch_size,), NO_IMAGE_ID, dtype=torch.long, device=self.image_feat.device)
 
 
-class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
-    """BLIP's pretraining model: ITC (momentum distillation, queues), ITM (hard negatives) and LM in one forward.
+@dataclass
+class ContrastiveMatchingResult:
+    """What `BlipContrastiveMatchingModel.contrastive_and_matching` computes for a batch of B pairs; the fields of
+    `BlipForPreTrainingOutput` of the same names say what each holds."""
+
+    image_embeds: torch.Tensor  # (B, 1+N, Dv), the ViT's output, for the losses a subclass adds
+    loss_itc: torch.Tensor
+    loss_itm: torch.Tensor
+    itc_logits_per_image: torch.Tensor
+    itc_logits_per_text: torch.Tensor
+    itm_logits: torch.Tensor
+    itm_negative_image_indices: torch.Tensor
+    itm_negative_text_indices: torch.Tensor
+    alpha: float
+
+
+class BlipContrastiveMatchingModel(_ItcMixin, BlipPreTrainedModel):
+    """The ViT, the MED text encoder, ITC projections and ITM head, their momentum copies and the queues: ITC with
+    momentum distillation and ITM with hard negatives, the training shared by pretraining and retrieval.
 
     The config fields `queue_size`, `momentum`, `alpha`, `alpha_warmup_steps`, `negative_all_rank`, `itc_global_keys`
     and `itc_temperature*` drive it. Under `torch.distributed` ranks may hold batches of different sizes, with texts
-    padded to different lengths; without a process group nothing distributed is called.
+    padded to different lengths; without a process group nothing distributed is called. Subclasses choose how hard
+    negatives are drawn (`negative_candidate_features`, `negative_sampling_floor`), may build modules of their own
+    (`_build_task_modules`) and write `forward` around `contrastive_and_matching`.
     """
 
     # The loss is a per-batch mean: Trainer must not rescale it by token counts or by the world size.
     accepts_loss_kwargs = False
-    _tied_weights_keys = {rf"text_decoder\.bert\.{_SHARED_WITH_DECODER}": rf"text_encoder\.{_SHARED_WITH_DECODER}"}
     # Momentum weights and queues a checkpoint lacks are rebuilt from the online model, as the original does.
     _keys_to_ignore_on_load_missing = [rf"^{momentum}\." for _, momentum in MOMENTUM_PAIRS] + [
         rf"^{name}$" for name in QUEUE_BUFFERS
     ]
+    # The features of the ITM candidates that each query's similarity is measured against to draw its negative:
+    # "momentum" (the original pretraining: this step's momentum features) or "online" (the original retrieval: the
+    # online features, gathered from every rank when negatives come from all ranks).
+    negative_candidate_features = "momentum"
+    # Added to the negatives' sampling weights before positives are zeroed (`sample_hard_negatives`).
+    negative_sampling_floor = NEGATIVE_SAMPLING_FLOOR
 
     def __init__(self, config: BlipConfig):
         super().__init__(config)
-        if not config.tie_word_embeddings:
-            raise ValueError(
-                "BlipForPreTraining shares weights between its encoder and decoder: keep tie_word_embeddings"
-            )
         vision_width, text_width = config.vision_config.hidden_size, config.text_config.hidden_size
         self.vision_model = BlipVisionModel(config.vision_config)
         self.text_encoder = BlipTextModel(config.text_config)
-        self.text_decoder = BlipTextLMHeadModel(config.text_config)
+        self._build_task_modules(config)
         self.vision_proj = nn.Linear(vision_width, config.embed_dim)
         self.text_proj = nn.Linear(text_width, config.embed_dim)
         self.itm_head = nn.Linear(text_width, 2)
@@ -189,6 +215,10 @@ class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
         self.optimizer_steps = 0
         self.post_init()
 
+    def _build_task_modules(self, config: BlipConfig) -> None:
+        """Builds a subclass's own modules. It runs between the text encoder and the projections, so that the
+        construction order, and with it which random draws initialise which tensor, stays what it always was."""
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.text_encoder.get_input_embeddings()
 
@@ -206,7 +236,7 @@ class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
             init.zeros_(self.queue_ptr)
             momentum_params, online_params = self._momentum_parameter_pairs()
             for param_m, param in zip(momentum_params, online_params):
-                init.copy_(param_m, param)
+                init.copy_(param_m, param)  # only where the checkpoint had no momentum weights
             self._freeze_momentum_encoders()
 
     def _momentum_parameter_pairs(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -218,6 +248,13 @@ class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
                 momentum_params.append(param_m)
                 online_params.append(online.get_parameter(name))
         return momentum_params, online_params
+
+    @torch.no_grad()
+    def restart_momentum_encoders(self) -> None:
+        """Sets every momentum parameter to its online parameter's value, as the original's `copy_params` starts
+        them: for online weights put in after loading (`load_state_dict` of another head's weights)."""
+        momentum_params, online_params = self._momentum_parameter_pairs()
+        torch._foreach_copy_(momentum_params, online_params)
 
     def _freeze_momentum_encoders(self) -> None:
         """The momentum encoders learn only by EMA, never from gradients."""
@@ -259,7 +296,8 @@ class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
 
     def distillation_alpha(self, step: int | None = None) -> float:
         """Weight of the momentum targets after `step` optimizer steps: `alpha`, ramped linearly from 0 when
-        `alpha_warmup_steps > 0` (the original ramps over its first two epochs)."""
+        `alpha_warmup_steps > 0` (the original ramps over its first two epochs of pretraining, over the first epoch of
+        retrieval fine-tuning)."""
         step = self.optimizer_steps if step is None else step
         warmup = self.config.alpha_warmup_steps
         if warmup <= 0:
@@ -318,7 +356,8 @@ class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
         pool_from_all_ranks: bool,
         batch_sizes: list[int],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ITM over (text, image) positives and hard negatives drawn from `pool` (this rank's batch or all ranks').
+        """ITM over (text, image) positives and hard negatives drawn from `pool` (this rank's batch or all ranks',
+        with the features `negative_candidate_features` names).
 
         Returns the loss, the logits (3B, 2) and the pool indices of the negative images and texts.
         """
@@ -337,11 +376,11 @@ class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
                 positives = diagonal_positives(batch_size, pool.batch_size, pool.offset, image_feat.device)
             else:
                 positives = same_id_positives(query.image_ids, pool.image_ids)  # (B, P)
-            # Similarity of the online queries with the momentum features of the candidates, as the original.
+            # Similarity of the online queries with the candidates' features (`negative_candidate_features`).
             i2t = similarity_logits(image_feat, pool.text_feat, temperature)  # (B, P), fp32
             t2i = similarity_logits(text_feat, pool.image_feat, temperature)  # (B, P), fp32
-            negative_text_indices = sample_hard_negatives(i2t, positives)
-            negative_image_indices = sample_hard_negatives(t2i, positives)
+            negative_text_indices = sample_hard_negatives(i2t, positives, floor=self.negative_sampling_floor)
+            negative_image_indices = sample_hard_negatives(t2i, positives, floor=self.negative_sampling_floor)
 
         # Pairs: (text i, image i), (text i, negative image), (negative text, image i).
         itm_input_ids = torch.cat([input_ids, input_ids, pool_input_ids[negative_text_indices]])  # (3B, L)
@@ -353,6 +392,97 @@ class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
         itm_logits = self.itm_head(multimodal_embeds[:, 0])  # (3B, 2)
         loss = F.cross_entropy(itm_logits.float(), itm_labels(batch_size, itm_logits.device))
         return loss, itm_logits, negative_image_indices, negative_text_indices
+
+    def contrastive_and_matching(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_ids: torch.Tensor | None = None,
+        alpha: float | None = None,
+    ) -> ContrastiveMatchingResult:
+        """ITC and ITM of a batch; in training mode the queues take this step's momentum features of every rank.
+        The arguments are those of `BlipForPreTraining.forward`, `attention_mask` required."""
+        check_batch_sizes(pixel_values, input_ids)
+        alpha = self.distillation_alpha() if alpha is None else alpha
+        temperature = self.clamped_temperature()
+        rank, world_size = rank_and_world_size()
+        batch_sizes = gather_batch_sizes(input_ids.shape[0], input_ids.device)  # every rank's, in rank order
+
+        image_embeds = self.vision_model(pixel_values).last_hidden_state  # (B, 1+N, Dv)
+        image_feat = itc_feature(self.vision_proj, image_embeds)  # (B, E)
+        text_embeds = self.text_encoder(input_ids, attention_mask=attention_mask, mode="text").last_hidden_state
+        text_feat = itc_feature(self.text_proj, text_embeds)  # (B, E)
+
+        # Momentum features of this rank's pairs and of every rank's (exchanged without gradient, in rank order).
+        image_feat_m, text_feat_m = self._momentum_features(pixel_values, input_ids, attention_mask)
+        local = _PairFeatures(image_feat_m, text_feat_m, image_ids, offset=0)
+        everyone = _PairFeatures(
+            gather_without_grad(image_feat_m, batch_sizes),
+            gather_without_grad(text_feat_m, batch_sizes),
+            gather_without_grad(image_ids, batch_sizes) if image_ids is not None else None,
+            offset=sum(batch_sizes[:rank]),
+        )
+
+        itc_keys = everyone if self.config.itc_global_keys else local
+        loss_itc, itc_logits_per_image, itc_logits_per_text = self._itc(
+            image_feat, text_feat, local, itc_keys, temperature, alpha
+        )
+        if self.training:
+            self._dequeue_and_enqueue(everyone.image_feat, everyone.text_feat, everyone.ids_or_placeholder())
+
+        negatives_from_all_ranks = self.config.negative_all_rank and world_size > 1
+        pool = everyone if negatives_from_all_ranks else local
+        if self.negative_candidate_features == "online":
+            online_image_feat, online_text_feat = image_feat.detach(), text_feat.detach()
+            if negatives_from_all_ranks:
+                online_image_feat = gather_without_grad(online_image_feat, batch_sizes)
+                online_text_feat = gather_without_grad(online_text_feat, batch_sizes)
+            pool = _PairFeatures(online_image_feat, online_text_feat, pool.image_ids, pool.offset)
+        loss_itm, itm_logits, negative_image_indices, negative_text_indices = self._itm(
+            image_embeds,
+            input_ids,
+            attention_mask,
+            image_feat,
+            text_feat,
+            query=local,
+            pool=pool,
+            temperature=temperature,
+            pool_from_all_ranks=negatives_from_all_ranks,
+            batch_sizes=batch_sizes,
+        )
+        return ContrastiveMatchingResult(
+            image_embeds=image_embeds,
+            loss_itc=loss_itc,
+            loss_itm=loss_itm,
+            itc_logits_per_image=itc_logits_per_image,
+            itc_logits_per_text=itc_logits_per_text,
+            itm_logits=itm_logits,
+            itm_negative_image_indices=negative_image_indices,
+            itm_negative_text_indices=negative_text_indices,
+            alpha=alpha,
+        )
+
+
+class BlipForPreTraining(BlipContrastiveMatchingModel):
+    """BLIP's pretraining model: ITC (momentum distillation, queues), ITM (hard negatives) and LM in one forward.
+
+    On top of `BlipContrastiveMatchingModel` it has the image-grounded decoder, which shares every parameter but its
+    self-attention with the text encoder. Hard negatives are drawn as the original pretraining draws them: by the
+    similarity of the online queries with the candidates' momentum features, with a small floor on every weight.
+    """
+
+    _tied_weights_keys = {rf"text_decoder\.bert\.{_SHARED_WITH_DECODER}": rf"text_encoder\.{_SHARED_WITH_DECODER}"}
+
+    def __init__(self, config: BlipConfig):
+        if not config.tie_word_embeddings:
+            raise ValueError(
+                "BlipForPreTraining shares weights between its encoder and decoder: keep tie_word_embeddings"
+            )
+        super().__init__(config)
+
+    def _build_task_modules(self, config: BlipConfig) -> None:
+        self.text_decoder = BlipTextLMHeadModel(config.text_config)
 
     def _lm(
         self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -387,63 +517,23 @@ class BlipForPreTraining(_ItcMixin, BlipPreTrainedModel):
                 never an ITM negative: the retrieval recipe. Without them each pair is its own only positive.
             alpha (`float`, *optional*): distillation weight; defaults to `distillation_alpha()`.
         """
-        check_batch_sizes(pixel_values, input_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        alpha = self.distillation_alpha() if alpha is None else alpha
-        temperature = self.clamped_temperature()
-        rank, world_size = rank_and_world_size()
-        batch_sizes = gather_batch_sizes(input_ids.shape[0], input_ids.device)  # every rank's, in rank order
-
-        image_embeds = self.vision_model(pixel_values).last_hidden_state  # (B, 1+N, Dv)
-        image_feat = itc_feature(self.vision_proj, image_embeds)  # (B, E)
-        text_embeds = self.text_encoder(input_ids, attention_mask=attention_mask, mode="text").last_hidden_state
-        text_feat = itc_feature(self.text_proj, text_embeds)  # (B, E)
-
-        # Momentum features of this rank's pairs and of every rank's (exchanged without gradient, in rank order).
-        image_feat_m, text_feat_m = self._momentum_features(pixel_values, input_ids, attention_mask)
-        local = _PairFeatures(image_feat_m, text_feat_m, image_ids, offset=0)
-        everyone = _PairFeatures(
-            gather_without_grad(image_feat_m, batch_sizes),
-            gather_without_grad(text_feat_m, batch_sizes),
-            gather_without_grad(image_ids, batch_sizes) if image_ids is not None else None,
-            offset=sum(batch_sizes[:rank]),
-        )
-
-        itc_keys = everyone if self.config.itc_global_keys else local
-        loss_itc, itc_logits_per_image, itc_logits_per_text = self._itc(
-            image_feat, text_feat, local, itc_keys, temperature, alpha
-        )
-        if self.training:
-            self._dequeue_and_enqueue(everyone.image_feat, everyone.text_feat, everyone.ids_or_placeholder())
-
-        negatives_from_all_ranks = self.config.negative_all_rank and world_size > 1
-        loss_itm, itm_logits, negative_image_indices, negative_text_indices = self._itm(
-            image_embeds,
-            input_ids,
-            attention_mask,
-            image_feat,
-            text_feat,
-            query=local,
-            pool=everyone if negatives_from_all_ranks else local,
-            temperature=temperature,
-            pool_from_all_ranks=negatives_from_all_ranks,
-            batch_sizes=batch_sizes,
-        )
-        loss_lm, lm_logits = self._lm(image_embeds, input_ids, attention_mask)
+        result = self.contrastive_and_matching(pixel_values, input_ids, attention_mask, image_ids, alpha)
+        loss_lm, lm_logits = self._lm(result.image_embeds, input_ids, attention_mask)
 
         output = BlipForPreTrainingOutput(
-            loss=loss_itc + loss_itm + loss_lm,
-            loss_itc=loss_itc,
-            loss_itm=loss_itm,
+            loss=result.loss_itc + result.loss_itm + loss_lm,
+            loss_itc=result.loss_itc,
+            loss_itm=result.loss_itm,
             loss_lm=loss_lm,
-            itc_logits_per_image=itc_logits_per_image,
-            itc_logits_per_text=itc_logits_per_text,
-            itm_logits=itm_logits,
+            itc_logits_per_image=result.itc_logits_per_image,
+            itc_logits_per_text=result.itc_logits_per_text,
+            itm_logits=result.itm_logits,
             lm_logits=lm_logits,
-            itm_negative_image_indices=negative_image_indices,
-            itm_negative_text_indices=negative_text_indices,
-            alpha=alpha,
+            itm_negative_image_indices=result.itm_negative_image_indices,
+            itm_negative_text_indices=result.itm_negative_text_indices,
+            alpha=result.alpha,
         )
         return output if return_dict else output.to_tuple()
 
@@ -461,8 +551,10 @@ def count_unique_parameters(model: nn.Module, include_momentum: bool = False) ->
 __all__ = [
     "MOMENTUM_PAIRS",
     "QUEUE_BUFFERS",
+    "BlipContrastiveMatchingModel",
     "BlipForPreTraining",
     "BlipForPreTrainingOutput",
+    "ContrastiveMatchingResult",
     "count_unique_parameters",
     "momentum_name",
 ]
