@@ -31,7 +31,8 @@ from .modeling_blip import (
 )
 from .modeling_med import BlipTextLMHeadModel, BlipTextModel, ImageKeyValues
 from .modeling_nlvr import BlipForVisualReasoning, BlipVisualReasoningOutput
-from .modeling_pretraining import BlipForPreTraining, BlipForPreTrainingOutput
+from .modeling_pretraining import BlipContrastiveMatchingModel, BlipForPreTraining, BlipForPreTrainingOutput
+from .modeling_retrieval_training import BlipForRetrievalTraining, BlipForRetrievalTrainingOutput
 from .modeling_vision import BlipVisionModel
 from .processing_blip import (
     BlipImageTextProcessor,
@@ -74,11 +75,14 @@ __all__ = [
     "BlipAnswerRanking",
     "BlipCaptionOutput",
     "BlipConfig",
+    "BlipContrastiveMatchingModel",
     "BlipForConditionalGeneration",
     "BlipForImageTextRetrieval",
     "BlipForPreTraining",
     "BlipForPreTrainingOutput",
     "BlipForQuestionAnswering",
+    "BlipForRetrievalTraining",
+    "BlipForRetrievalTrainingOutput",
     "BlipForVisualReasoning",
     "BlipImageProcessorAnyMode",
     "BlipImageTextProcessor",
