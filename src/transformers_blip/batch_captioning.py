@@ -1,7 +1,9 @@
 """Captioning many images: gather the inputs, decode them in DataLoader workers, caption in batches, write results
 that survive an interruption.
 
-The output is a JSON-lines file (one `{"image", "caption"}` per image) and/or a sidecar text file beside each image.
+The inputs are those of [`image_inputs.collect_images`]: image files, folders, lists of paths, parquet files and
+webdataset tar shards. The output is a JSON-lines file (one `{"image", "caption"}` per image, plus `itm_score` when a
+retrieval model scores the captions) and/or a sidecar text file beside each image file.
 Both are safe to interrupt, even by SIGKILL: the JSON-lines file is appended to and synced after every batch, and a
 restarted run first cuts off a last line that was only half written, then skips the images already in the file;
 a sidecar is written under a temporary name and renamed into place, so it is whole or absent. Bad inputs (a path
@@ -14,31 +16,28 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .data.decoding import IMAGE_EXTENSIONS
-from .image_processing_blip import ImageDecodeError, decode_image
+from .atomic_writes import write_text_atomically
+from .image_inputs import DecodedImages, ImageFailures, collect_images, count_images, decoded_batches, is_container
+from .image_processing_blip import DEFAULT_MAX_PIXELS
+from .retrieval_index import itm_match_probabilities
 
 logger = logging.getLogger(__name__)
 
-LIST_FILE_SUFFIXES = (".txt", ".lst")
-
 
 @dataclass
-class CaptionRun:
+class CaptionRun(ImageFailures):
     """What a run did: captioned, skipped as already done, and the inputs that failed, each with its reason."""
 
     captioned: int = 0
     already_done: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
         text = f"captioned {self.captioned} image(s)"
@@ -47,67 +46,6 @@ class CaptionRun:
         if self.failed:
             text += f", {len(self.failed)} failed"
         return text
-
-
-def _is_image_file(path: Path) -> bool:
-    return path.suffix.lower().removeprefix(".") in IMAGE_EXTENSIONS
-
-
-def _folder_images(folder: Path, recursive: bool) -> list[Path]:
-    candidates = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(path for path in candidates if path.is_file() and _is_image_file(path))
-
-
-def _listed_paths(list_file: Path) -> list[Path]:
-    """The paths in a text file, one a line; relative ones start at the file's folder."""
-    lines = list_file.read_text(encoding="utf-8").splitlines()
-    return [list_file.parent / line.strip() for line in lines if line.strip() and not line.startswith("#")]
-
-
-def collect_images(inputs: Sequence[str | os.PathLike], recursive: bool, run: CaptionRun) -> list[str]:
-    """The image files that `inputs` name: files, folders (and their subfolders with `recursive`), and text files
-    listing paths. An input that does not exist, or a folder without images, is recorded in `run.failed`."""
-    images: list[str] = []
-    for raw in inputs:
-        path = Path(raw)
-        if path.is_dir():
-            found = _folder_images(path, recursive)
-            if not found:
-                hint = "" if recursive else " (add --recursive for its subfolders)"
-                run.failed.append((str(path), f"no image files in this folder{hint}"))
-            images += [str(image) for image in found]
-        elif path.is_file() and path.suffix.lower() in LIST_FILE_SUFFIXES:
-            images += [str(listed) for listed in _listed_paths(path)]
-        elif path.is_file():
-            images.append(str(path))
-        else:
-            run.failed.append((str(path), "no such file or folder"))
-    # One caption per image, in the order given, even where two inputs name the same file.
-    return list(dict.fromkeys(images))
-
-
-class _DecodedImages(Dataset):
-    """Images decoded and turned into pixels in the DataLoader workers; a bad one becomes its error message."""
-
-    def __init__(self, paths: Sequence[str], image_processor: Any):
-        self.paths = list(paths)
-        self.image_processor = image_processor
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[str, torch.Tensor | None, str | None]:
-        path = self.paths[index]
-        try:
-            image = decode_image(path)
-        except (ImageDecodeError, OSError) as error:
-            return path, None, str(error)
-        pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-        return path, pixels, None
-
-
-def _keep_rows(rows: list[tuple[str, torch.Tensor | None, str | None]]) -> list:
-    return rows  # batches stay lists: the main process splits decoded images from failures
 
 
 def read_done(output: Path) -> set[str]:
@@ -134,17 +72,7 @@ def read_done(output: Path) -> set[str]:
 
 def write_sidecar(image_path: str, suffix: str, text: str) -> None:
     """`text` beside the image (`photo.jpg` -> `photo.txt`), whole or not at all."""
-    target = Path(image_path).with_suffix(suffix)
-    descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            file.write(text + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_text_atomically(Path(image_path).with_suffix(suffix), text + "\n")
 
 
 @dataclass
@@ -173,15 +101,11 @@ class CaptionSettings:
         return {**kwargs, "do_sample": False, "num_beams": max(self.num_beams, self.num_captions)}
 
 
-def _batches(loader: DataLoader, run: CaptionRun) -> Iterator[tuple[list[str], torch.Tensor]]:
-    for rows in loader:
-        for path, _, error in rows:
-            if error is not None:
-                run.failed.append((path, error))
-                logger.warning(f"skipped {path}: {error}")
-        good = [(path, pixels) for path, pixels, error in rows if error is None]
-        if good:
-            yield [path for path, _ in good], torch.stack([pixels for _, pixels in good])
+def _already_done(paths: Sequence[str], done: set[str]) -> int:
+    """How many images of `paths` (files, and the rows or samples of containers) `done` names."""
+    files = {path for path in paths if not is_container(path)}
+    containers = tuple(path + separator for path in paths if is_container(path) for separator in (":", "/"))
+    return sum(name in files or name.startswith(containers) for name in done)
 
 
 @torch.inference_mode()
@@ -199,39 +123,55 @@ def caption_images(
     dtype: torch.dtype = torch.float32,
     run: CaptionRun | None = None,
     progress: bool = True,
+    scorer: tuple[Any, Any] | None = None,
+    image_column: str = "image",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> CaptionRun:
     """Caption `paths` with `model` (a `BlipForConditionalGeneration`) and `processor`, writing as it goes.
 
     Args:
+        paths: image files, parquet files and tar shards (see [`image_inputs.collect_images`]).
         output: a JSON-lines file, appended to; the images it already holds are skipped (resume).
-        sidecar: a suffix such as `".txt"`: write each caption beside its image.
+        sidecar: a suffix such as `".txt"`: write each caption beside its image file (not for parquet rows or tar
+            samples, which have no file to sit beside).
         skip_existing: skip images whose sidecar exists already.
+        scorer: `(model, processor)` of a retrieval model: each caption's ITM match probability goes into the
+            JSON-lines record as `itm_score` (`itm_scores` with several captions), on the same device and dtype.
+        image_column: the column of parquet files that holds the images.
+        max_pixels: images with more pixels are refused (a decompression bomb costs nothing).
     """
     run = run if run is not None else CaptionRun()
     if output is None and sidecar is None:
         raise ValueError("nowhere to write the captions: give an output file, a sidecar suffix, or both")
+    if output is None and any(is_container(path) for path in paths):
+        raise ValueError("parquet files and tar shards have no file to put a sidecar beside: give an output file")
     output = Path(output) if output is not None else None
     done = read_done(output) if output is not None else set()
     if skip_existing and sidecar is not None:
-        done |= {path for path in paths if Path(path).with_suffix(sidecar).exists()}
-    todo = [path for path in paths if path not in done]
-    run.already_done += len(paths) - len(todo)
+        done |= {path for path in paths if not is_container(path) and Path(path).with_suffix(sidecar).exists()}
+    run.already_done += _already_done(paths, done)
+    todo = [path for path in paths if is_container(path) or path not in done]
     model.to(device=device, dtype=dtype).eval()
+    image_processors = [processor.image_processor]
+    if scorer is not None:
+        scorer[0].to(device=device, dtype=dtype).eval()
+        image_processors.append(scorer[1].image_processor)
     prompt_inputs = processor.tokenizer(settings.prompt, return_tensors="pt") if settings.prompt else None
-    loader = DataLoader(
-        _DecodedImages(todo, processor.image_processor),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=_keep_rows,
-    )
+    images = DecodedImages(todo, image_processors, skip=done, image_column=image_column, max_pixels=max_pixels)
+    total = count_images(todo)
+    files = {path for path in todo if not is_container(path)}
     writer = open(output, "a", encoding="utf-8") if output is not None else None
-    bar = tqdm(total=len(todo), unit="img", desc="Captioning", disable=not progress)
+    total = None if total is None else total - _already_done(todo, done)
+    bar = tqdm(total=total, unit="img", desc="Captioning", disable=not progress)
     try:
-        for batch_paths, pixel_values in _batches(loader, run):
-            captions = _caption_batch(model, processor, pixel_values, prompt_inputs, settings, device, dtype)
-            _write(batch_paths, captions, settings.num_captions, writer, sidecar)
-            run.captioned += len(batch_paths)
-            bar.update(len(batch_paths))
+        for names, pixel_values in decoded_batches(images, batch_size, num_workers, run):
+            captions = _caption_batch(model, processor, pixel_values[0], prompt_inputs, settings, device, dtype)
+            scores = None
+            if scorer is not None:
+                scores = itm_match_probabilities(scorer[0], scorer[1], pixel_values[1], captions).tolist()
+            _write(names, captions, scores, settings.num_captions, writer, sidecar, files)
+            run.captioned += len(names)
+            bar.update(len(names))
             bar.set_postfix(failed=len(run.failed))
     finally:
         bar.close()
@@ -250,15 +190,26 @@ def _caption_batch(model, processor, pixel_values, prompt_inputs, settings, devi
     return processor.decode_captions(generated, prompt=settings.prompt or None)
 
 
-def _write(paths: list[str], captions: list[str], per_image: int, writer, sidecar: str | None) -> None:
-    for index, path in enumerate(paths):
-        own = captions[index * per_image : (index + 1) * per_image]
-        if sidecar is not None:
-            write_sidecar(path, sidecar, "\n".join(own))
+def _write(
+    names: list[str],
+    captions: list[str],
+    scores: list[float] | None,
+    per_image: int,
+    writer,
+    sidecar: str | None,
+    files: set[str],
+) -> None:
+    """Each image's captions (and scores) to the JSON-lines file, and to a sidecar where the image is a file."""
+    for index, name in enumerate(names):
+        own = slice(index * per_image, (index + 1) * per_image)
+        if sidecar is not None and name in files:
+            write_sidecar(name, sidecar, "\n".join(captions[own]))
         if writer is not None:
-            record = {"image": path, "caption": own[0]}
+            record: dict[str, Any] = {"image": name, "caption": captions[own][0]}
             if per_image > 1:
-                record["captions"] = own
+                record["captions"] = captions[own]
+            if scores is not None:
+                record.update({"itm_scores": scores[own]} if per_image > 1 else {"itm_score": scores[own][0]})
             writer.write(json.dumps(record, ensure_ascii=False) + "\n")
     if writer is not None:
         # A batch is on disk before the next one starts: a killed run loses at most the batch in flight.
