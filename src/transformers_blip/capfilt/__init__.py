@@ -24,11 +24,13 @@ from .bootstrap import (
     webdataset_shards,
     write_manifest,
 )
+from .report import FilterQuality, draw_histogram, filter_quality, write_report
 
 __all__ = [
     "OUTPUT_FORMATS",
     "CapFiltSettings",
     "CapFiltSummary",
+    "FilterQuality",
     "GumbelSampling",
     "InputShard",
     "ShardResult",
@@ -36,6 +38,8 @@ __all__ = [
     "caption_seed",
     "commit_shard",
     "dataset_shards",
+    "draw_histogram",
+    "filter_quality",
     "finished_marker",
     "generate_captions",
     "iter_scores",
@@ -43,4 +47,5 @@ __all__ = [
     "score_texts",
     "webdataset_shards",
     "write_manifest",
+    "write_report",
 ]
