@@ -109,6 +109,41 @@ def test_caption_loss_equals_the_original_formula():
     assert output.loss.item() != pytest.approx(label_smoothed_nll(output.logits, targets, 0.1).item(), rel=1e-4)
 
 
+def test_by_default_the_model_masks_the_configured_prompt_where_a_text_starts_with_it():
+    """The original's rule (models/blip.py, BLIP_Decoder), written out here: `[DEC]` and the prompt's tokens, the
+    first `len(tokenizer(prompt).input_ids) - 1` positions, get no loss; a text without the prompt loses none of its
+    caption words."""
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    config = make_config()
+    config.text_config.label_smoothing = 0.1
+    config.prompt_token_ids = tokenizer(PROMPT, add_special_tokens=False).input_ids
+    model = BlipForConditionalGeneration(config).eval()
+    texts = [PROMPT + "red square left", "a big blue circle on the right", PROMPT + "green triangle"]
+    encoded = tokenizer(texts, padding="longest", return_tensors="pt")
+    ids, mask = encoded.input_ids, encoded.attention_mask
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        output = model(pixels, ids, attention_mask=mask, labels=ids)
+        explicit = model(pixels, ids, attention_mask=mask, labels=ids, prompt_length=0)
+    dec_ids = ids.clone()
+    dec_ids[:, 0] = tokenizer.bos_token_id
+    targets = dec_ids.masked_fill(ids == tokenizer.pad_token_id, -100)
+    for row, text in enumerate(texts):
+        masked = original_prompt_length(tokenizer, PROMPT) if text.startswith(PROMPT) else 1
+        targets[row, :masked] = -100
+    assert targets[1, 1].item() == tokenizer.convert_tokens_to_ids("a")  # the unprompted text keeps its first word
+    assert output.loss.item() == pytest.approx(label_smoothed_nll(output.logits, targets, 0.1).item(), rel=1e-5)
+    # An explicit prompt_length wins: 0 leaves every text's words in the loss, the prompts' too.
+    unmasked = dec_ids.masked_fill(ids == tokenizer.pad_token_id, -100)
+    unmasked[:, 0] = -100
+    assert explicit.loss.item() == pytest.approx(label_smoothed_nll(output.logits, unmasked, 0.1).item(), rel=1e-5)
+    # A config that names no prompt tokens takes the texts to carry none.
+    config.prompt_token_ids = None
+    with torch.no_grad():
+        assert model(pixels, ids, attention_mask=mask, labels=ids).loss.item() == pytest.approx(explicit.loss.item())
+
+
 def test_prompt_length_outside_the_text_is_refused():
     model = BlipForConditionalGeneration(make_config()).eval()
     ids = torch.tensor([[101, 104, 105, 102]])
@@ -116,18 +151,33 @@ def test_prompt_length_outside_the_text_is_refused():
         model(torch.randn(1, 3, 32, 32), ids, labels=ids, prompt_length=4)
 
 
+def hub_layout_config() -> BlipConfig:
+    """A tiny config as transformers' layout gives it: no label smoothing, no dropout."""
+    layout = make_config().to_transformers_dict()
+    layout["label_smoothing"] = 0.0  # as in the hub's Salesforce/blip-* configs
+    layout["text_config"].update(label_smoothing=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = BlipConfig.from_dict(layout)
+    assert config.text_config.label_smoothing == 0.0 and config.text_config.hidden_dropout_prob == 0.0
+    return config
+
+
+def text_dropouts(model) -> set[float]:
+    return {layer.p for layer in model.text_decoder.modules() if isinstance(layer, torch.nn.Dropout)}
+
+
 def test_a_transformers_layout_start_gets_blip_training_regularisation():
-    hub_config = BlipConfig.from_dict(transformers.BlipConfig().to_dict())
-    assert hub_config.text_config.label_smoothing == 0.0 and hub_config.text_config.hidden_dropout_prob == 0.0
-    message = training_regularisation(hub_config, "transformers")
-    text = hub_config.text_config
+    model = BlipForConditionalGeneration(hub_layout_config())
+    message = training_regularisation(model, "transformers")
+    text = model.config.text_config
     assert (text.label_smoothing, text.hidden_dropout_prob, text.attention_probs_dropout_prob) == (0.1, 0.1, 0.1)
+    assert text_dropouts(model) == {0.1}  # the layers built from the old value drop too
     assert "no label smoothing and no dropout" in message
-    chosen = BlipConfig.from_dict(transformers.BlipConfig().to_dict())
+    chosen = BlipForConditionalGeneration(hub_layout_config())
     training_regularisation(chosen, "transformers", label_smoothing=0.0, dropout=0.2)
-    assert (chosen.text_config.label_smoothing, chosen.text_config.hidden_dropout_prob) == (0.0, 0.2)
-    ours = make_config()  # our configs carry their own values: kept
-    assert training_regularisation(ours, "ours") is None and ours.text_config.hidden_dropout_prob == 0.0
+    assert (chosen.config.text_config.label_smoothing, chosen.config.text_config.hidden_dropout_prob) == (0.0, 0.2)
+    assert text_dropouts(chosen) == {0.2}
+    ours = BlipForConditionalGeneration(make_config())  # our configs carry their own values: kept
+    assert training_regularisation(ours, "ours") is None and text_dropouts(ours) == {0.0}
 
 
 def test_results_name_coco_images_by_their_coco_id():
@@ -217,10 +267,12 @@ def test_the_script_logs_the_regularisation_of_a_transformers_layout_start(tmp_p
     script = load_script()
     training_args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True)
     model_args = script.ModelArguments(model_name_or_path=str(tmp_path))
-    model, _ = script.start_model(model_args, training_args, [], PROMPT, None)
+    model, tokenizer = script.start_model(model_args, training_args, [], PROMPT, None)
     assert model.training and model.config.text_config.label_smoothing == 0.1
-    assert model.config.text_config.hidden_dropout_prob == 0.1
+    assert model.config.text_config.hidden_dropout_prob == 0.1 and text_dropouts(model) == {0.1}
     assert "no label smoothing and no dropout" in caplog.text
+    # The start learns its prompt's tokens, so that its loss masks the prompt without being told.
+    assert model.config.prompt_token_ids == tokenizer(PROMPT, add_special_tokens=False).input_ids
 
 
 def eval_split(num_images: int = 5) -> Dataset:
@@ -289,3 +341,59 @@ def test_an_image_listed_twice_is_captioned_into_one_result():
     split = eval_split(3)
     twice = Dataset.from_dict({**split[:3], "image_id": [10, 11, 10]}, features=split.features)
     assert [entry["image_id"] for entry in evaluation.caption(model, twice)] == [10, 11]
+
+
+def write_nocaps(root: Path, split: str, ids: list[int]) -> Path:
+    """A NoCaps annotation file as BLIP releases it, with its images under `root`."""
+    (root / split).mkdir(parents=True, exist_ok=True)
+    records = []
+    for image_id in ids:
+        random_image(image_id, size=(40, 32)).save(root / split / f"{image_id}.png")
+        records.append({"image": f"{split}/{image_id}.png", "img_id": image_id})
+    path = root / f"nocaps_{split}.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_nocaps_files_load_as_images_with_their_ids(tmp_path):
+    from transformers_blip.data import SkipReport
+    from transformers_blip.data.loaders import load_nocaps
+
+    path = write_nocaps(tmp_path, "val", [4, 9])
+    records = json.loads(path.read_text()) + [{"image": "val/x.png"}, {"image": "val/y.png", "img_id": "n/a"}]
+    path.write_text(json.dumps(records))
+    report = SkipReport()
+    split = load_nocaps(path, tmp_path, report=report)
+    assert split["image_id"] == [4, 9] and len(report) == 2  # the two bad records are counted, not loaded
+    assert split.cast_column("image", split.features["image"])[0]["image"]["path"] == str(tmp_path / "val/4.png")
+
+
+def test_evaluation_only_captions_nocaps_val_and_test_without_training(tmp_path):
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(make_config()).save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    files = {"val": write_nocaps(tmp_path, "val", [1, 2, 3]), "test": write_nocaps(tmp_path, "test", [7, 8])}
+    output_dir = tmp_path / "run"
+    metrics = load_script().main(
+        ["--recipe", "nocaps", "--do_train", "false", "--model_name_or_path", str(tmp_path / "model"),
+         "--source", "nocaps", "--image_root", str(tmp_path), "--val_file", str(files["val"]),
+         "--test_file", str(files["test"]), "--image_size", "32", "--max_length", "8", "--min_length", "3",
+         "--output_dir", str(output_dir), "--dataloader_num_workers", "0", "--disable_tqdm", "true"]
+    )  # fmt: skip
+    assert metrics["evaluated"] == str(tmp_path / "model")
+    assert (metrics["val"], metrics["test"]) == ({"captioned": 3}, {"captioned": 2})
+    assert metrics["generation"]["num_beams"] == 3  # the recipe's beam search
+    for split, ids in (("val", [1, 2, 3]), ("test", [7, 8])):
+        results = json.loads((output_dir / f"{split}_results.json").read_text())
+        assert sorted(entry["image_id"] for entry in results) == ids
+        assert all(isinstance(entry["caption"], str) for entry in results)
+    assert "without training" in (output_dir / "results.md").read_text()
+    assert not list(output_dir.glob("checkpoint-*"))  # nothing trained, nothing saved
+
+
+def test_evaluation_only_needs_a_model_and_refuses_to_train_on_nocaps(tmp_path):
+    script = load_script()
+    with pytest.raises(SystemExit):
+        script.main(["--output_dir", str(tmp_path), "--do_train", "false"])
+    with pytest.raises(SystemExit, match="NoCaps has no training split"):
+        script.main(["--output_dir", str(tmp_path), "--source", "nocaps", "--val_file", "v.json"])

@@ -13,6 +13,9 @@ scratch; docs/finetuning.md has the paper's recipe on COCO.
         --train_file coco_karpathy_train.json --val_file coco_karpathy_val.json --test_file coco_karpathy_test.json
     # the same under accelerate
     accelerate launch --num_processes 8 training_scripts/finetune_caption.py --recipe coco_caption ...
+    # evaluation only (the original's --evaluate): a COCO-fine-tuned captioner on NoCaps
+    python training_scripts/finetune_caption.py --recipe nocaps --do_train false --model_name_or_path outputs/caption \
+        --source nocaps --image_root /data/nocaps --val_file nocaps_val.json --test_file nocaps_test.json
 """
 
 from __future__ import annotations
@@ -39,12 +42,15 @@ from transformers_blip.training import (
     pretraining_config,
 )
 from transformers_blip.training.captioning import (
+    CAPTION_SOURCES,
     CaptionEvaluation,
     CaptionGeneration,
     caption_training_collator,
+    evaluation_summary,
     load_caption_splits,
     load_captioner,
     run_summary,
+    set_caption_prompt,
     training_regularisation,
     write_run_outputs,
 )
@@ -53,6 +59,7 @@ from transformers_blip.training.checkpoints import (
     allow_resume_without_path,
     checkpoint_to_resume,
 )
+from transformers_blip.training.finetuning import ResumableAugmentation
 from transformers_blip.training.vocabulary import run_vocabulary
 
 logger = logging.get_logger("finetune_caption")
@@ -75,10 +82,10 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    source: str = field(default="synthetic", metadata={"help": "synthetic or coco_karpathy."})
+    source: str = field(default="synthetic", metadata={"help": "nocaps: evaluation only.", "choices": CAPTION_SOURCES})
     train_file: str | None = field(default=None, metadata={"help": "coco_karpathy_train.json."})
-    val_file: str | None = field(default=None, metadata={"help": "coco_karpathy_val.json."})
-    test_file: str | None = field(default=None, metadata={"help": "coco_karpathy_test.json."})
+    val_file: str | None = field(default=None, metadata={"help": "coco_karpathy_val.json or nocaps_val.json."})
+    test_file: str | None = field(default=None, metadata={"help": "coco_karpathy_test.json or nocaps_test.json."})
     image_root: str | None = field(default=None, metadata={"help": "Root of the files' image paths."})
     synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic benchmark."})
     synthetic_num_human: int = field(default=2000, metadata={"help": "Training images (5 captions each)."})
@@ -107,9 +114,10 @@ def build_parser() -> HfArgumentParser:
     # The tiny run's optimisation; `--recipe coco_caption` sets the original's. Validation CIDEr every epoch picks
     # the best checkpoint. The collator reads `image` and `caption`, so Trainer must keep those columns. Images are
     # decoded in worker processes, as the original's 4; their random streams restart from seeds that Trainer's
-    # checkpoints restore, which makes a resumed run see the augmentations of an uninterrupted one.
+    # checkpoints restore, which makes a resumed run see the augmentations of an uninterrupted one. `--do_train
+    # false` evaluates --model_name_or_path on the validation and test splits without training.
     parser.set_defaults(
-        output_dir="outputs/caption", learning_rate=3e-4, weight_decay=0.05, num_train_epochs=5,
+        do_train=True, output_dir="outputs/caption", learning_rate=3e-4, weight_decay=0.05, num_train_epochs=5,
         per_device_train_batch_size=32, per_device_eval_batch_size=32, logging_steps=10, eval_strategy="epoch",
         save_strategy="epoch", metric_for_best_model="CIDEr", greater_is_better=True, load_best_model_at_end=True,
         report_to="none", remove_unused_columns=False, dataloader_num_workers=4,
@@ -124,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.remove_unused_columns:
         parser.error("--remove_unused_columns must stay False: Trainer would drop the image and caption columns")
     check_processes_train_together(training_args)
+    if not training_args.do_train and model_args.model_name_or_path is None:
+        parser.error("evaluation only (--do_train false) needs the captioner to evaluate: --model_name_or_path")
     report = SkipReport(log_dir=os.path.join(training_args.output_dir, "skipped"), strict=data_args.strict_data)
     synthetic_kwargs = {
         "seed": data_args.synthetic_seed, "image_size": model_args.image_size,
@@ -135,17 +145,21 @@ def main(argv: list[str] | None = None) -> dict:
             train, val, test = load_caption_splits(
                 data_args.source, data_args.train_file, data_args.val_file, data_args.test_file,
                 data_args.image_root, caption_args.max_words, synthetic_kwargs, report=report,
+                with_train=training_args.do_train,
             )  # fmt: skip
         except (OSError, ValueError) as error:  # a missing or unreadable file, a wrong layout: named, no traceback
             raise SystemExit(f"error: {error}") from error
     try:
-        resume = checkpoint_to_resume(training_args)
+        resume = checkpoint_to_resume(training_args) if training_args.do_train else None
     except CheckpointError as error:
         raise SystemExit(f"error: {error}") from error
-    model, tokenizer = start_model(model_args, training_args, train["caption"], caption_args.prompt, resume)
+    captions = train["caption"] if train is not None else []
+    model, tokenizer = start_model(model_args, training_args, captions, caption_args.prompt, resume)
 
-    train_transform = BlipTrainTransform(
-        model_args.image_size, scale=(data_args.min_crop_scale, 1.0), randaugment=data_args.randaugment
+    train_transform = ResumableAugmentation(
+        lambda seed: BlipTrainTransform(
+            model_args.image_size, scale=(data_args.min_crop_scale, 1.0), randaugment=data_args.randaugment, seed=seed
+        )
     )
     generation = CaptionGeneration(
         caption_args.prompt, caption_args.num_beams, caption_args.max_length, caption_args.min_length
@@ -162,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         task_evaluation=evaluation,
     )  # fmt: skip
+    if not training_args.do_train:
+        return evaluate_only(trainer, evaluation, val, test, model_args.model_name_or_path, generation, report)
     apply_optimization_arguments(trainer, optimization_args, optimizer_steps_per_epoch(train, training_args))
     try:
         trainer.train(resume_from_checkpoint=resume)
@@ -172,8 +188,22 @@ def main(argv: list[str] | None = None) -> dict:
     test_metrics = trainer.evaluate(test, metric_key_prefix="test")
     metrics = run_summary(trainer.state, trainer.args.metric_for_best_model, test_metrics, generation)
     if trainer.is_world_process_zero():
-        write_run_outputs(training_args.output_dir, metrics, evaluation.results)
+        write_run_outputs(training_args.output_dir, metrics, {"test": evaluation.results})
         report.finish(os.path.join(training_args.output_dir, "skipped.jsonl"))
+    return metrics
+
+
+def evaluate_only(trainer, evaluation, val, test, model_name_or_path: str, generation, report: SkipReport) -> dict:
+    """Captions (and, where the splits have references, scores) the validation and test splits of the model as it
+    was loaded; writes `metrics.json`, `results.md`, `val_results.json` and `test_results.json`."""
+    val_metrics = trainer.evaluate(val, metric_key_prefix="val")
+    val_results = evaluation.results
+    test_metrics = trainer.evaluate(test, metric_key_prefix="test")
+    metrics = evaluation_summary(model_name_or_path, val_metrics, test_metrics, generation)
+    if trainer.is_world_process_zero():
+        output_dir = trainer.args.output_dir
+        write_run_outputs(output_dir, metrics, {"val": val_results, "test": evaluation.results})
+        report.finish(os.path.join(output_dir, "skipped.jsonl"))
     return metrics
 
 
@@ -197,9 +227,10 @@ def start_model(
         except (OSError, ValueError) as error:
             path = model_args.model_name_or_path
             raise SystemExit(f"error: cannot start from --model_name_or_path {path}: {error}") from error
-    message = training_regularisation(model.config, start, model_args.label_smoothing, model_args.dropout)
+    message = training_regularisation(model, start, model_args.label_smoothing, model_args.dropout)
     if message:
         logger.warning(message)
+    set_caption_prompt(model.config, tokenizer, prompt)  # the model masks the prompt in its loss by default
     model.train()
     return model, tokenizer
 

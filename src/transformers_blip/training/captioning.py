@@ -9,7 +9,10 @@
   `[{"image_id", "caption"}]`, one entry per image (`write_caption_results`).
 - Where a run starts: a saved head (ours or transformers' layout), a pretraining run, or an original `.pth`
   (`load_captioner`); transformers' layout carries no label smoothing and no dropout, so those get BLIP's training
-  values unless the user sets others (`training_regularisation`).
+  values unless the user sets others (`training_regularisation`). The model learns its prompt's token ids
+  (`set_caption_prompt`), so that it masks the prompt in its loss by default, as the original does.
+- Evaluation only (the original's `--evaluate`, and NoCaps, whose references stay on its server): the captions of
+  the validation and test splits, scored where the splits have references (`evaluation_summary`).
 """
 
 from __future__ import annotations
@@ -32,16 +35,15 @@ from ..atomic_writes import write_text_atomically
 from ..benchmark import build_synthetic_benchmark
 from ..configuration_blip import BlipConfig
 from ..data import DecodeImages, SkipReport, flatten_captions, load_coco_karpathy, pre_caption
+from ..data.loaders import load_nocaps
 from ..evaluation import caption_scores
 from ..modeling_blip import BlipForConditionalGeneration
 from ..processing_blip import decode_captions
 from .collators import DecodingCollator, ImageTextCollator
+from .finetuning import BLIP_LABEL_SMOOTHING, BLIP_TEXT_DROPOUT, predict_in_shares, training_regularisation
 
 logger = logging.getLogger(__name__)
 
-# BLIP's training regularisation (configs/med_config.json and the decoder's loss), which transformers' layout lacks.
-BLIP_LABEL_SMOOTHING = 0.1
-BLIP_TEXT_DROPOUT = 0.1
 # The original tokenizes training captions with truncation at 40 tokens (models/blip.py).
 TRAINING_TEXT_LENGTH = 40
 # The COCO file name's number is the image id the COCO results format and the official references use.
@@ -52,6 +54,13 @@ def caption_prompt_length(tokenizer: PreTrainedTokenizerBase, prompt: str) -> in
     """Tokens of `prompt` after `[DEC]`: the original's `len(tokenizer(prompt).input_ids) - 1` less `[DEC]`'s
     position, i.e. what `BlipForConditionalGeneration(prompt_length=...)` takes (3 for "a picture of ")."""
     return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def set_caption_prompt(config: BlipConfig, tokenizer: PreTrainedTokenizerBase, prompt: str) -> None:
+    """Makes `prompt` the captioner's (`config.prompt`) and gives it the prompt's token ids
+    (`config.prompt_token_ids`), with which the model masks the prompt in its loss wherever a text starts with it."""
+    config.prompt = prompt
+    config.prompt_token_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
 
 
 class CaptionTrainingCollator:
@@ -170,9 +179,9 @@ class CaptionEvaluation:
         # Images undecoded until the workers' `DecodeImages`, which skips and counts a broken one.
         rows = dataset.select_columns(["image", "image_id"]).cast_column("image", ImageFeature(decode=False))
         rows = rows.add_column("result_id", [result_image_id(row) for row in rows])
-        rank, world_size = _rank_and_world_size()
-        if world_size > 1:
-            rows = rows.shard(num_shards=world_size, index=rank, contiguous=True)
+        return _first_per_image(predict_in_shares(lambda share: self._caption_rows(model, share), rows))
+
+    def _caption_rows(self, model: BlipForConditionalGeneration, rows: Dataset) -> list[dict[str, Any]]:
         loader = DataLoader(rows, self.batch_size, collate_fn=self.collate, num_workers=self.num_workers)
         device = next(model.parameters()).device
         settings = self.generation
@@ -195,14 +204,18 @@ class CaptionEvaluation:
                 results += [
                     {"image_id": image_id, "caption": caption} for image_id, caption in zip(batch["ids"], captions)
                 ]
-        return _first_per_image(_gathered(results, world_size))
+        return results
 
     def __call__(self, model: BlipForConditionalGeneration, dataset: Dataset) -> dict[str, float]:
+        """The scores of `dataset`'s captions; a split without references (NoCaps) gets only its count of
+        `captioned` images, its captions being for the evaluation server."""
         self.results = self.caption(model, dataset)
+        if not self.results:
+            raise ValueError(f"no image of the evaluation split ({len(dataset)} rows) could be decoded")
+        if "captions" not in dataset.column_names:
+            return {"captioned": len(self.results)}
         references = _references_by_result_id(dataset)
         predictions = {entry["image_id"]: entry["caption"] for entry in self.results}
-        if not predictions:
-            raise ValueError(f"no image of the evaluation split ({len(dataset)} rows) could be decoded")
         scores = caption_scores(predictions, {key: references[key] for key in predictions}, meteor=self.meteor)
         scores["CIDEr_plus_Bleu_4"] = scores["CIDEr"] + scores["Bleu_4"]
         return scores
@@ -216,21 +229,6 @@ def _first_per_image(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(kept.values())
 
 
-def _rank_and_world_size() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _gathered(results: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
-    """Every rank's results in rank order (the split's order, as the shards are contiguous)."""
-    if world_size == 1:
-        return results
-    shares: list[list[dict[str, Any]] | None] = [None] * world_size
-    torch.distributed.all_gather_object(shares, results)
-    return [entry for share in shares for entry in share]
-
-
 def _references_by_result_id(dataset: Dataset) -> dict[int, list[str]]:
     rows = dataset.select_columns(["image", "image_id", "captions"]).cast_column("image", ImageFeature(decode=False))
     return {result_image_id(row): row["captions"] for row in rows}
@@ -239,6 +237,9 @@ def _references_by_result_id(dataset: Dataset) -> dict[int, list[str]]:
 def write_caption_results(results: list[dict[str, Any]], path: str | os.PathLike) -> None:
     """The COCO results file: a JSON list of `{"image_id": int, "caption": str}`, written atomically."""
     write_text_atomically(path, json.dumps(results, indent=1))
+
+
+CAPTION_SOURCES = ("synthetic", "coco_karpathy", "nocaps")
 
 
 def load_caption_splits(
@@ -250,32 +251,47 @@ def load_caption_splits(
     max_words: int = 30,
     synthetic_kwargs: dict[str, Any] | None = None,
     report: SkipReport | None = None,
-) -> tuple[Dataset, Dataset, Dataset]:
+    with_train: bool = True,
+) -> tuple[Dataset | None, Dataset, Dataset]:
     """`(train, val, test)`: training pairs `{image, caption, image_id}` and evaluation images
-    `{image, captions, image_id}`.
+    `{image, captions, image_id}` (`{image, image_id}` for NoCaps, which has no references to score with).
 
     Args:
         source: `"synthetic"` (the benchmark's "human" split, one row per caption, then its "val" and "test"
-            splits) or `"coco_karpathy"` (BLIP's `coco_karpathy_{train,val,test}.json`, or Flickr30K's).
-        train_file, val_file, test_file: the Karpathy annotation files.
+            splits), `"coco_karpathy"` (BLIP's `coco_karpathy_{train,val,test}.json`, or Flickr30K's) or
+            `"nocaps"` (BLIP's `nocaps_val.json` and `nocaps_test.json`: evaluation only).
+        train_file, val_file, test_file: the annotation files.
         image_root: where their relative image paths start.
         synthetic_kwargs: arguments of `build_synthetic_benchmark`.
+        with_train: read the training split; `False` for a run that only evaluates (train is then `None`).
     """
     if source == "synthetic":
         benchmark = build_synthetic_benchmark(
             **{"num_web": 1, "num_vqa": 3, "num_nlvr": 1, **(synthetic_kwargs or {})}
         )
         train = flatten_captions(benchmark["human"]).select_columns(["image", "caption", "image_id"])
-        return train, benchmark["val"], benchmark["test"]
-    if source != "coco_karpathy":
-        raise ValueError(f"unknown source {source!r}; choose synthetic or coco_karpathy")
-    files = {"--train_file": train_file, "--val_file": val_file, "--test_file": test_file}
+        return (train if with_train else None), benchmark["val"], benchmark["test"]
+    if source not in CAPTION_SOURCES:
+        raise ValueError(f"unknown source {source!r}; choose one of {', '.join(CAPTION_SOURCES)}")
+    if source == "nocaps" and with_train:
+        raise ValueError("NoCaps has no training split: evaluate a captioner with --do_train false")
+    files = {"--train_file": train_file} if with_train else {}
+    files.update({"--val_file": val_file, "--test_file": test_file})
     missing = [name for name, file in files.items() if not file]
     if missing:
-        raise ValueError(f"the coco_karpathy source needs {', '.join(missing)} (BLIP's Karpathy annotation files)")
-    train = _karpathy_split(train_file, image_root, max_words, report, "caption")
+        raise ValueError(f"the {source} source needs {', '.join(missing)} (BLIP's annotation files)")
+    if source == "nocaps":
+        return None, _nocaps_split(val_file, image_root, report), _nocaps_split(test_file, image_root, report)
+    train = _karpathy_split(train_file, image_root, max_words, report, "caption") if with_train else None
     val = _karpathy_split(val_file, image_root, max_words, report, "captions")
     return train, val, _karpathy_split(test_file, image_root, max_words, report, "captions")
+
+
+def _nocaps_split(file: str, image_root: str | None, report: SkipReport | None) -> Dataset:
+    split = load_nocaps(file, image_root, report=report)
+    if len(split) == 0:
+        raise ValueError(f"{file} gave no usable record (NoCaps lists {{'image', 'img_id'}} records)")
+    return split
 
 
 def _karpathy_split(file: str, image_root: str | None, max_words: int, report: SkipReport | None, column: str):
@@ -326,49 +342,31 @@ def load_captioner(
     return model, tokenizer, kind
 
 
-def training_regularisation(
-    config: BlipConfig, start: str, label_smoothing: float | None = None, dropout: float | None = None
-) -> str | None:
-    """Sets the text model's label smoothing and dropout for fine-tuning; returns a line for the log, if any.
-
-    Values the user gives win. Otherwise a start from transformers' layout, whose config carries neither (it
-    describes inference), gets BLIP's training values (0.1 and 0.1); every other start keeps its config's.
-    """
-    text_config = config.text_config
-    if start == "transformers":
-        label_smoothing = BLIP_LABEL_SMOOTHING if label_smoothing is None else label_smoothing
-        dropout = BLIP_TEXT_DROPOUT if dropout is None else dropout
-    if label_smoothing is not None:
-        text_config.label_smoothing = label_smoothing
-    if dropout is not None:
-        text_config.hidden_dropout_prob = dropout
-        text_config.attention_probs_dropout_prob = dropout
-    if start != "transformers":
-        return None
-    return (
-        f"transformers' BLIP layout carries no label smoothing and no dropout: fine-tuning with label smoothing "
-        f"{text_config.label_smoothing} and text dropout {text_config.hidden_dropout_prob} (BLIP's are 0.1 and 0.1; "
-        "--label_smoothing and --dropout set others)"
-    )
+# Evaluation entries that are not caption scores: the original's pick of the best epoch, and the count of a split
+# without references.
+_NOT_SCORES = ("CIDEr_plus_Bleu_4", "captioned")
 
 
 def results_markdown(metrics: dict[str, Any]) -> str:
-    """A short `results.md`: the best epoch's validation scores and the test scores."""
-    names = [name for name in metrics["test"] if name != "CIDEr_plus_Bleu_4"]
-    lines = [
-        "# Caption fine-tuning",
-        "",
-        f"Best checkpoint by validation {metrics['metric_for_best_model']}: `{metrics['best_checkpoint']}`.",
-        "",
-        "| split | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
-    ]
-    for split in ("val", "test"):
-        scores = metrics.get(split) or {}
+    """A short `results.md`: the scores of the validation and test splits (of the best epoch, after training)."""
+    names = [name for name in {**metrics["val"], **metrics["test"]} if name not in _NOT_SCORES]
+    if "evaluated" in metrics:
+        origin = f"Evaluation of `{metrics['evaluated']}`, without training."
+    else:
+        origin = f"Best checkpoint by validation {metrics['metric_for_best_model']}: `{metrics['best_checkpoint']}`."
+    lines = ["# Caption fine-tuning", "", origin, ""]
+    if names:
+        lines += ["| split | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for split in ("val", "test"):
+            scores = metrics.get(split) or {}
+            cells = [f"{100 * scores[n]:.1f}" if n in scores else "-" for n in names]
+            lines.append(f"| {split} | " + " | ".join(cells) + " |")
+        lines += ["", "Scores in percent (CIDEr too, as the paper reports it); captions in the COCO results format."]
+    else:
         lines.append(
-            f"| {split} | " + " | ".join(f"{100 * scores[n]:.1f}" if n in scores else "-" for n in names) + " |"
+            "The splits have no references to score with (NoCaps keeps them on its evaluation server): the captions,"
+            " in the COCO results format, are the result."
         )
-    lines += ["", "Scores in percent (CIDEr too, as the paper reports it); captions in the COCO results format."]
     return "\n".join(lines) + "\n"
 
 
@@ -384,8 +382,8 @@ def _scores(metrics: dict[str, float], prefix: str) -> dict[str, float]:
 def run_summary(
     state: Any, metric_for_best_model: str, test_metrics: dict[str, float], generation: CaptionGeneration
 ) -> dict[str, Any]:
-    """What `metrics.json` holds: the best checkpoint, its validation scores (from Trainer's `state.log_history`),
-    the test scores and the generation settings."""
+    """What `metrics.json` holds after training: the best checkpoint, its validation scores (from Trainer's
+    `state.log_history`), the test scores and the generation settings."""
     best = state.best_model_checkpoint
     best_step = int(best.rsplit("-", 1)[1]) if best else None
     val = {}
@@ -401,11 +399,31 @@ def run_summary(
     }
 
 
-def write_run_outputs(output_dir: str | os.PathLike, summary: dict[str, Any], results: list[dict[str, Any]]) -> None:
-    """`metrics.json`, `results.md` and the test captions `test_results.json`, each written atomically."""
+def evaluation_summary(
+    model_name_or_path: str,
+    val_metrics: dict[str, float],
+    test_metrics: dict[str, float],
+    generation: CaptionGeneration,
+) -> dict[str, Any]:
+    """What `metrics.json` holds when a run only evaluates: the model, each split's scores (or, without references,
+    its count of captioned images) and the generation settings."""
+    return {
+        "evaluated": model_name_or_path,
+        "val": _scores(val_metrics, "val_"),
+        "test": _scores(test_metrics, "test_"),
+        "generation": asdict(generation),
+    }
+
+
+def write_run_outputs(
+    output_dir: str | os.PathLike, summary: dict[str, Any], results: dict[str, list[dict[str, Any]]]
+) -> None:
+    """`metrics.json`, `results.md` and each split's captions `{split}_results.json` (`results` by split name),
+    each written atomically."""
     write_text_atomically(os.path.join(output_dir, "metrics.json"), json.dumps(summary, indent=1))
     write_text_atomically(os.path.join(output_dir, "results.md"), results_markdown(summary))
-    write_caption_results(results, os.path.join(output_dir, "test_results.json"))
+    for split, captions in results.items():
+        write_caption_results(captions, os.path.join(output_dir, f"{split}_results.json"))
 
 
 __all__ = [
@@ -413,14 +431,17 @@ __all__ = [
     "BLIP_TEXT_DROPOUT",
     "CaptionEvaluation",
     "CaptionGeneration",
+    "CAPTION_SOURCES",
     "CaptionTrainingCollator",
     "caption_prompt_length",
     "caption_training_collator",
+    "evaluation_summary",
     "load_caption_splits",
     "load_captioner",
     "result_image_id",
     "results_markdown",
     "run_summary",
+    "set_caption_prompt",
     "training_regularisation",
     "write_caption_results",
     "write_run_outputs",
