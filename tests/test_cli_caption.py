@@ -154,3 +154,109 @@ def test_sigkill_then_the_same_command_captions_every_image_exactly_once(caption
     images = sorted(str(path) for path in photos.glob("*.png"))
     assert sorted(record["image"] for record in records) == images
     assert {record["image"]: record["caption"] for record in records} == reference_captions(captioner_dir, images)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header announces `width` x `height` pixels and holds none: a decompression bomb's signature."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_parquet_files_and_webdataset_shards_are_captioned_and_resumed(captioner_dir, photos, tmp_path, capsys):
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = sorted(photos.glob("*.png"))
+    table = pa.table({"picture": [{"bytes": path.read_bytes(), "path": path.name} for path in images[:4]]})
+    pq.write_table(table, tmp_path / "rows.parquet")
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        for number, path in enumerate(images[4:7]):
+            data = path.read_bytes()
+            member = tarfile.TarInfo(f"sample{number}.png")
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+        member = tarfile.TarInfo("lonely.json")  # a sample without an image
+        member.size = 2
+        tar.addfile(member, io.BytesIO(b"{}"))
+    (tmp_path / "damaged.tar").write_bytes(b"not a tar at all" * 40)
+    output = tmp_path / "captions.jsonl"
+    args = ["caption", str(tmp_path / "rows.parquet"), str(tmp_path / "shard.tar"), str(tmp_path / "damaged.tar")]
+    args += ["--model", str(captioner_dir), "--output", str(output), "--image-column", "picture", "--quiet"]
+    assert main(args + ["--num-workers", "2"]) == 1  # the damaged shard and the sample without an image
+    records = read_jsonl(output)
+    names = [f"{tmp_path / 'rows.parquet'}:{row}" for row in range(4)]
+    names += [f"{tmp_path / 'shard.tar'}/sample{number}" for number in range(3)]
+    assert sorted(record["image"] for record in records) == sorted(names)
+    expected = reference_captions(captioner_dir, images[:7])
+    by_name = {record["image"]: record["caption"] for record in records}
+    assert [by_name[name] for name in names] == [expected[str(path)] for path in images[:7]]
+
+    output.write_text("".join(line + "\n" for line in output.read_text().splitlines()[:3]))  # a run cut short
+    assert main(args[:3] + args[4:] + ["--num-workers", "0"]) == 1  # the sample without an image, still
+    assert sorted(record["image"] for record in read_jsonl(output)) == sorted(names)
+    assert "captioned 4 image(s), 3 already done, 1 failed" in capsys.readouterr().out
+
+
+def test_score_with_a_retrieval_model_records_the_itm_match_probability(captioner_dir, photos, tmp_path):
+    from PIL import Image
+
+    from transformers_blip import BlipImageTextProcessor
+
+    torch.manual_seed(3)
+    retrieval_dir = tmp_path / "retrieval"
+    BlipForImageTextRetrieval(make_config()).save_pretrained(retrieval_dir)
+    build_processor(make_tokenizer(), image_size=32).save_pretrained(retrieval_dir)
+    output = tmp_path / "scored.jsonl"
+    args = ["caption", str(photos / "img00.png"), str(photos / "img01.png"), "--model", str(captioner_dir)]
+    args += ["--output", str(output), "--score-with", str(retrieval_dir), "--num-captions", "2", "--quiet"]
+    assert main(args + ["--num-workers", "0"]) == 0
+    scorer = BlipForImageTextRetrieval.from_pretrained(retrieval_dir).eval()
+    processor = BlipImageTextProcessor.from_pretrained(retrieval_dir)
+    for record in read_jsonl(output):
+        assert len(record["itm_scores"]) == 2
+        for caption, score in zip(record["captions"], record["itm_scores"]):
+            inputs = processor(images=Image.open(record["image"]).convert("RGB"), text=caption, return_tensors="pt")
+            with torch.no_grad():
+                expected = scorer(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).itm_score
+            assert score == pytest.approx(float(expected), abs=1e-4)
+    assert (
+        main(args[:5] + ["--sidecar", ".txt", "--score-with", str(retrieval_dir)]) == 2
+    )  # no JSON lines to score into
+
+
+def test_huge_images_precision_and_devices(captioner_dir, photos, tmp_path, capsys):
+    (photos / "bomb.png").write_bytes(png_claiming(100_000, 100_000))
+    output = tmp_path / "out.jsonl"
+    args = ["caption", str(photos / "bomb.png"), str(photos / "img00.png"), "--model", str(captioner_dir)]
+    args += ["--output", str(output), "--num-workers", "0", "--quiet"]
+    assert main(args + ["--dtype", "bf16"]) == 1
+    err = capsys.readouterr()
+    assert "bomb.png" in err.err and "1 failed" in err.out
+    assert [Path(record["image"]).name for record in read_jsonl(output)] == ["img00.png"]
+    assert main(args[:3] + [str(photos / "img01.png")] + args[3:] + ["--max-pixels", "100"]) == 1  # 40 x 48 is over it
+    assert "captioned 0 image(s), 1 already done, 2 failed" in capsys.readouterr().out
+    assert main(args + ["--device", "no-such-device"]) == 2
+    assert "--device no-such-device" in capsys.readouterr().err
+
+
+def test_every_option_of_every_subcommand_is_documented():
+    import argparse
+
+    from transformers_blip.cli import SUBCOMMANDS, build_parser
+
+    parser = build_parser()
+    subparsers = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    assert sorted(subparsers.choices) == sorted(SUBCOMMANDS)
+    for name, subparser in subparsers.choices.items():
+        undocumented = [action.dest for action in subparser._actions if not action.help]
+        assert undocumented == [], f"blip {name}: options without help: {undocumented}"
+        assert subparser.format_help()
