@@ -12,7 +12,9 @@ checkpoint is kept and classifies the test pairs: `nlvr_result.json`, `metrics.j
         --image_root /data/nlvr2 --pretraining_checkpoint outputs/pretrain --bf16
     accelerate launch --num_processes 8 training_scripts/finetune_nlvr.py --recipe nlvr2 ...
 
-Again with --resume_from_checkpoint to go on from the newest complete checkpoint.
+Again with --resume_from_checkpoint to go on from the newest complete checkpoint. `--do_train false` evaluates
+`--model_name_or_path` without training: validation accuracy where there is a validation split, the test pairs.
+Under several processes every evaluation is split across the ranks.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from transformers_blip.training import (
     parse_with_recipe,
 )
 from transformers_blip.training.checkpoints import CheckpointError, allow_resume_without_path, checkpoint_to_resume
+from transformers_blip.training.finetuning import ResumableAugmentation
 from transformers_blip.training.nlvr import (
     NlvrCollator,
     decode_pairs,
@@ -58,6 +61,7 @@ class ModelArguments:
     image_size: int = field(default=64, metadata={"help": "Image side (the original fine-tunes NLVR2 at 384)."})
     vocab_size: int = field(default=30522, metadata={"help": "Most tokens of a fresh model's vocabulary."})
     max_words: int = field(default=40, metadata={"help": "Words per statement kept by the cleaning (BLIP: 40)."})
+    dropout: float | None = field(default=None, metadata={"help": "Text dropout; default: the config's (BLIP: 0.1)."})
 
 
 @dataclass
@@ -83,7 +87,7 @@ def build_parser() -> HfArgumentParser:
     allow_resume_without_path(parser)
     # The collator reads the image pair and statement columns, which the model's forward does not name.
     parser.set_defaults(
-        output_dir="outputs/nlvr", learning_rate=2e-4, weight_decay=0.05, num_train_epochs=5,
+        do_train=True, output_dir="outputs/nlvr", learning_rate=2e-4, weight_decay=0.05, num_train_epochs=5,
         per_device_train_batch_size=32, per_device_eval_batch_size=64, logging_steps=10, eval_strategy="epoch",
         save_strategy="epoch", metric_for_best_model="accuracy", greater_is_better=True,
         load_best_model_at_end=True, report_to="none", remove_unused_columns=False,
@@ -92,10 +96,12 @@ def build_parser() -> HfArgumentParser:
     return parser
 
 
-def main(args: list[str] | None = None) -> None:
+def main(args: list[str] | None = None) -> dict:
     parser = build_parser()
     model_args, data_args, optimization_args, training_args = parse_with_recipe(parser, args)
     check_processes_train_together(training_args)
+    if not training_args.do_train and model_args.model_name_or_path is None:
+        parser.error("evaluation only (--do_train false) needs the model to evaluate: --model_name_or_path")
     report = SkipReport(log_dir=os.path.join(training_args.output_dir, "skipped"), strict=data_args.strict_data)
     synthetic = {"seed": data_args.synthetic_seed, "image_size": model_args.image_size}
     synthetic.update(num_nlvr=data_args.synthetic_num_nlvr, num_nlvr_test=data_args.synthetic_num_nlvr_test)
@@ -109,18 +115,21 @@ def main(args: list[str] | None = None) -> None:
         model, tokenizer = start_task_model(
             BlipForVisualReasoning, model_args.image_size, model_args.model_size, model_args.model_name_or_path,
             model_args.pretraining_checkpoint, lambda: nlvr_texts(splits["train"]), model_args.vocab_size,
-            checkpoint_to_resume(training_args),
-            training_args=training_args,
+            checkpoint_to_resume(training_args) if training_args.do_train else None, training_args,
+            dropout=model_args.dropout,
         )  # fmt: skip
     except (ValueError, OSError) as error:  # a missing file, a bad argument, a damaged checkpoint: say which
         raise SystemExit(f"error: {error}") from error
     if splits["validation"] is None:  # no validation: the last epoch classifies the test pairs
         training_args.eval_strategy, training_args.load_best_model_at_end = IntervalStrategy.NO, False
 
-    # Pairs are mirrored as a whole in the collator; each image is cropped and augmented without a flip of its own.
-    train_transform = BlipTrainTransform(
-        model_args.image_size, scale=(data_args.min_crop_scale, 1.0), allow_flip=False,
-        randaugment=data_args.randaugment,
+    # Pairs are mirrored as a whole in the collator; each image is cropped and augmented without a flip of its own,
+    # from torch's generator, which checkpoints restore: exact resumes with or without workers.
+    train_transform = ResumableAugmentation(
+        lambda seed: BlipTrainTransform(
+            model_args.image_size, scale=(data_args.min_crop_scale, 1.0), allow_flip=False,
+            randaugment=data_args.randaugment, seed=seed,
+        )
     )  # fmt: skip
     collate = NlvrCollator(tokenizer, train_transform, mirror_probability=0.5)
     eval_batch_size = training_args.per_device_eval_batch_size
@@ -129,28 +138,32 @@ def main(args: list[str] | None = None) -> None:
         data_collator=DecodingCollator(decode_pairs(report), collate), processing_class=tokenizer,
         task_evaluation=nlvr_evaluation(tokenizer, model_args.image_size, eval_batch_size, report),
     )  # fmt: skip
-    apply_optimization_arguments(trainer, optimization_args, optimizer_steps_per_epoch(splits["train"], training_args))
-    try:
-        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    except CheckpointError as error:
-        raise SystemExit(f"error: {error}") from error
-    trainer.save_model()
-    trainer.save_state()
-    if not trainer.is_world_process_zero():
-        return
+    if training_args.do_train:
+        steps_per_epoch = optimizer_steps_per_epoch(splits["train"], training_args)
+        apply_optimization_arguments(trainer, optimization_args, steps_per_epoch)
+        try:
+            trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        except CheckpointError as error:
+            raise SystemExit(f"error: {error}") from error
+        trainer.save_model()
+        trainer.save_state()
+        metrics = {"best_checkpoint": trainer.state.best_model_checkpoint}
+        metrics["validation_accuracy"] = trainer.state.best_metric
+    else:
+        metrics = {"evaluated": model_args.model_name_or_path}
+        if splits["validation"] is not None:
+            metrics["validation_accuracy"] = trainer.evaluate()["eval_accuracy"]
 
     test = splits["test"]
+    # The best checkpoint's weights (reloaded by Trainer) classify the test pairs, each rank its share.
     predictions = predict_pairs(model.eval(), test, tokenizer, model_args.image_size, eval_batch_size, report)
-    write_nlvr_results(predictions, test, os.path.join(training_args.output_dir, "nlvr_result.json"))
-    metrics = {
-        "best_checkpoint": trainer.state.best_model_checkpoint,
-        "validation_accuracy": trainer.state.best_metric,
-        "test_accuracy": nlvr_accuracy(predictions, test["label"])["accuracy"],
-        "test_pairs": len(test),
-        "skipped": len(report),
-    }
-    write_run_summary(training_args.output_dir, "NLVR2 fine-tuning", metrics, ["Predictions: nlvr_result.json."])
-    report.finish(os.path.join(training_args.output_dir, "skipped.jsonl"))
+    metrics["test_accuracy"] = nlvr_accuracy(predictions, test["label"])["accuracy"]
+    metrics.update(test_pairs=len(test), skipped=len(report))
+    if trainer.is_world_process_zero():
+        write_nlvr_results(predictions, test, os.path.join(training_args.output_dir, "nlvr_result.json"))
+        write_run_summary(training_args.output_dir, "NLVR2 fine-tuning", metrics, ["Predictions: nlvr_result.json."])
+        report.finish(os.path.join(training_args.output_dir, "skipped.jsonl"))
+    return metrics
 
 
 if __name__ == "__main__":

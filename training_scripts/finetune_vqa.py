@@ -13,7 +13,9 @@ the test questions: `vqa_result.json` (the evaluation server's format), `metrics
         --validation_share 0.01 --pretraining_checkpoint outputs/pretrain --bf16
     accelerate launch --num_processes 8 training_scripts/finetune_vqa.py --recipe vqa ...
 
-Again with --resume_from_checkpoint to go on from the newest complete checkpoint.
+Again with --resume_from_checkpoint to go on from the newest complete checkpoint. `--do_train false` evaluates
+`--model_name_or_path` without training: validation accuracy where there is a validation split, the test answers.
+Under several processes every evaluation is split across the ranks.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from transformers_blip.training import (
     parse_with_recipe,
 )
 from transformers_blip.training.checkpoints import CheckpointError, allow_resume_without_path, checkpoint_to_resume
+from transformers_blip.training.finetuning import ResumableAugmentation
 from transformers_blip.training.vqa import (
     INFERENCE_MODES,
     RANK_SCORINGS,
@@ -63,6 +66,8 @@ class ModelArguments:
     image_size: int = field(default=64, metadata={"help": "Image side (the original fine-tunes VQA at 480)."})
     vocab_size: int = field(default=30522, metadata={"help": "Most tokens of a fresh model's vocabulary."})
     max_words: int = field(default=50, metadata={"help": "Words per question kept by the cleaning (BLIP: 50)."})
+    label_smoothing: float | None = field(default=None, metadata={"help": "Default: the config's (BLIP: 0.1)."})
+    dropout: float | None = field(default=None, metadata={"help": "Text dropout; default: the config's (BLIP: 0.1)."})
 
 
 @dataclass
@@ -105,7 +110,7 @@ def build_parser() -> HfArgumentParser:
     allow_resume_without_path(parser)
     # The collator reads the image, question and answer columns, which the model's forward does not name.
     parser.set_defaults(
-        output_dir="outputs/vqa", learning_rate=2e-4, weight_decay=0.05, num_train_epochs=5,
+        do_train=True, output_dir="outputs/vqa", learning_rate=2e-4, weight_decay=0.05, num_train_epochs=5,
         per_device_train_batch_size=32, per_device_eval_batch_size=64, logging_steps=10, eval_strategy="epoch",
         save_strategy="epoch", metric_for_best_model="accuracy", greater_is_better=True,
         load_best_model_at_end=True, report_to="none", remove_unused_columns=False,
@@ -114,10 +119,12 @@ def build_parser() -> HfArgumentParser:
     return parser
 
 
-def main(args: list[str] | None = None) -> None:
+def main(args: list[str] | None = None) -> dict:
     parser = build_parser()
     model_args, inference_args, data_args, optimization_args, training_args = parse_with_recipe(parser, args)
     check_processes_train_together(training_args)
+    if not training_args.do_train and model_args.model_name_or_path is None:
+        parser.error("evaluation only (--do_train false) needs the model to evaluate: --model_name_or_path")
     report = SkipReport(log_dir=os.path.join(training_args.output_dir, "skipped"), strict=data_args.strict_data)
     synthetic = {"seed": data_args.synthetic_seed, "image_size": model_args.image_size}
     synthetic.update(num_vqa=data_args.synthetic_num_vqa, num_vqa_test=data_args.synthetic_num_vqa_test)
@@ -132,8 +139,8 @@ def main(args: list[str] | None = None) -> None:
         model, tokenizer = start_task_model(
             BlipForQuestionAnswering, model_args.image_size, model_args.model_size, model_args.model_name_or_path,
             model_args.pretraining_checkpoint, lambda: vqa_texts(splits["train"]), model_args.vocab_size,
-            checkpoint_to_resume(training_args),
-            training_args=training_args,
+            checkpoint_to_resume(training_args) if training_args.do_train else None, training_args,
+            model_args.label_smoothing, model_args.dropout,
         )  # fmt: skip
         predictor = AnswerPredictor(
             tokenizer, model_args.image_size, inference_args.inference, candidates, inference_args.k_test,
@@ -145,8 +152,11 @@ def main(args: list[str] | None = None) -> None:
     if splits["validation"] is None:  # the original's run: no validation, the last epoch answers the test
         training_args.eval_strategy, training_args.load_best_model_at_end = IntervalStrategy.NO, False
 
-    train_transform = BlipTrainTransform(
-        model_args.image_size, scale=(data_args.min_crop_scale, 1.0), randaugment=data_args.randaugment
+    # Augmentations drawn from torch's generator, which checkpoints restore: exact resumes without workers too.
+    train_transform = ResumableAugmentation(
+        lambda seed: BlipTrainTransform(
+            model_args.image_size, scale=(data_args.min_crop_scale, 1.0), randaugment=data_args.randaugment, seed=seed
+        )
     )
     decode = DecodeImages(train_transform, text_columns=("question", "unique_answers"), report=report)
     trainer = BlipFineTuningTrainer(
@@ -154,28 +164,32 @@ def main(args: list[str] | None = None) -> None:
         data_collator=DecodingCollator(decode, VqaCollator(tokenizer)), processing_class=tokenizer,
         task_evaluation=vqa_evaluation(predictor),
     )  # fmt: skip
-    apply_optimization_arguments(trainer, optimization_args, optimizer_steps_per_epoch(splits["train"], training_args))
-    try:
-        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    except CheckpointError as error:
-        raise SystemExit(f"error: {error}") from error
-    trainer.save_model()
-    trainer.save_state()
-    if not trainer.is_world_process_zero():
-        return
+    if training_args.do_train:
+        steps_per_epoch = optimizer_steps_per_epoch(splits["train"], training_args)
+        apply_optimization_arguments(trainer, optimization_args, steps_per_epoch)
+        try:
+            trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        except CheckpointError as error:
+            raise SystemExit(f"error: {error}") from error
+        trainer.save_model()
+        trainer.save_state()
+        metrics = {"best_checkpoint": trainer.state.best_model_checkpoint}
+        metrics["validation_accuracy"] = trainer.state.best_metric
+    else:
+        metrics = {"evaluated": model_args.model_name_or_path}
+        if splits["validation"] is not None:
+            metrics["validation_accuracy"] = trainer.evaluate()["eval_accuracy"]
 
     test = splits["test"]
-    predictions = predictor(model.eval(), test)  # the best checkpoint's weights, reloaded by Trainer
-    write_vqa_results(predictions, os.path.join(training_args.output_dir, "vqa_result.json"))
-    metrics = {
-        "best_checkpoint": trainer.state.best_model_checkpoint,
-        "validation_accuracy": trainer.state.best_metric,
-    }
+    predictions = predictor(model.eval(), test)  # the best checkpoint's weights, reloaded by Trainer; every rank
     if has_human_answers(test):
         metrics["test_accuracy"] = answer_accuracy(predictions, test)["accuracy"]
     metrics.update(test_questions=len(test), inference=inference_args.inference, skipped=len(report))
-    write_run_summary(training_args.output_dir, "VQA fine-tuning", metrics, ["Answers: vqa_result.json."])
-    report.finish(os.path.join(training_args.output_dir, "skipped.jsonl"))
+    if trainer.is_world_process_zero():
+        write_vqa_results(predictions, os.path.join(training_args.output_dir, "vqa_result.json"))
+        write_run_summary(training_args.output_dir, "VQA fine-tuning", metrics, ["Answers: vqa_result.json."])
+        report.finish(os.path.join(training_args.output_dir, "skipped.jsonl"))
+    return metrics
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@
   "right" swap in the statement), which keeps every statement true; each image is then cropped and augmented
   without a flip of its own.
 - Predictions (`predict_pairs`) and the result file (`write_nlvr_results`): one `{"pair", "sentence",
-  "prediction", "label"}` per pair, in the split's order.
+  "prediction", "label"}` per pair, in the split's order. Under several processes each rank classifies a contiguous
+  share of the split and every rank gets all the predictions (`predict_in_shares`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..atomic_writes import write_text_atomically
 from ..benchmark import build_synthetic_benchmark
 from ..data import MAX_WORDS, BlipEvalTransform, DecodeImages, SkipReport, load_nlvr, mirror_pair
 from ..evaluation.vqa_accuracy import nlvr_accuracy
+from .finetuning import predict_in_shares
 from .vqa import held_out_split
 
 # The prediction of a pair whose images do not decode: never equal to a label, so it counts as wrong.
@@ -126,7 +128,14 @@ def predict_pairs(
     report: SkipReport | None = None,
 ) -> list[int]:  # fmt: skip
     """Predicted label (1 true, 0 false) of every pair of `dataset`, in order; `UNREADABLE_PAIR` where an image of
-    the pair does not decode."""
+    the pair does not decode. Under several processes each rank classifies its share and all get every label."""
+    return predict_in_shares(lambda share: _classify(model, share, tokenizer, image_size, batch_size, report), dataset)
+
+
+def _classify(
+    model, dataset: Dataset, tokenizer: PreTrainedTokenizerBase, image_size: int, batch_size: int,
+    report: SkipReport | None,
+) -> list[int]:  # fmt: skip
     device = next(model.parameters()).device
     decode = decode_pairs(report)
     collate = NlvrCollator(tokenizer, BlipEvalTransform(image_size), with_labels=False)

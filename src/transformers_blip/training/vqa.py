@@ -11,12 +11,16 @@
   plain log-likelihood on request.
 - The result file (`write_vqa_results`): `[{"question_id": int, "answer": str}]`, the evaluation server's format.
 
+Under several processes each rank answers a contiguous share of a split and every rank gets all the answers
+(`predict_in_shares`), so that the accuracy is the same on every rank and equal to one process's.
+
 `held_out_split`, `start_task_model` and `write_run_summary` serve the NLVR2 script too.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -35,8 +39,11 @@ from ..evaluation.vqa_accuracy import vqa_accuracy
 from ..modeling_blip import BlipPreTrainedModel
 from ..processing_blip import text_config_token_kwargs
 from .checkpoints import checkpoint_to_resume
+from .finetuning import checkpoint_layout, predict_in_shares, training_regularisation
 from .model_sizes import pretraining_config
 from .vocabulary import run_vocabulary
+
+logger = logging.getLogger(__name__)
 
 INFERENCE_MODES = ("rank", "generate")
 # "answer_loss": the original's score, the negated training loss of the answer (label-smoothed, summed over tokens);
@@ -246,6 +253,11 @@ class AnswerPredictor:
         self.collate = VqaCollator(tokenizer, with_answers=False)
 
     def __call__(self, model, dataset: Dataset) -> dict[int, str]:
+        """`{question_id: answer}` for every question of `dataset`; under several processes each rank answers its
+        share and all get every answer."""
+        return dict(predict_in_shares(lambda share: list(self._answer_questions(model, share).items()), dataset))
+
+    def _answer_questions(self, model, dataset: Dataset) -> dict[int, str]:
         device = next(model.parameters()).device
         candidates = self.tokenizer(self.candidates, padding="longest", return_tensors="pt").to(device)
         predictions: dict[int, str] = {}
@@ -332,15 +344,38 @@ def start_task_model(
     vocab_size: int = 30522,
     resume_checkpoint: str | None = None,
     training_args: TrainingArguments | None = None,
+    label_smoothing: float | None = None,
+    dropout: float | None = None,
 ) -> tuple[BlipPreTrainedModel, PreTrainedTokenizerBase]:
-    """The head a fine-tuning run starts from, with its tokenizer: a saved head (`model_name_or_path`), a head built
-    from a pretraining run (`pretraining_checkpoint`, at `image_size`), or a fresh `model_size` model whose
-    vocabulary is trained on `corpus()` once for every rank (`training_args`'s main process), or, when the run
-    resumes, read back from `resume_checkpoint` (WordPiece training need not number the tokens the same way twice)."""
+    """The head a fine-tuning run starts from, with its tokenizer: a saved head (`model_name_or_path`, ours or in
+    transformers' layout), a head built from a pretraining run (`pretraining_checkpoint`, at `image_size`), or a
+    fresh `model_size` model whose vocabulary is trained on `corpus()` once for every rank (`training_args`'s main
+    process), or, when the run resumes, read back from `resume_checkpoint` (WordPiece training need not number the
+    tokens the same way twice).
+
+    `label_smoothing` and `dropout` set the text models' regularisation; a start from transformers' layout, which
+    has none, gets BLIP's 0.1 and 0.1 unless they are given, and the log says so (`training_regularisation`).
+    """
     if model_name_or_path and pretraining_checkpoint:
         raise ValueError("give --model_name_or_path or --pretraining_checkpoint, not both")
+    model, tokenizer, start = _start(
+        model_class, image_size, model_size, model_name_or_path, pretraining_checkpoint, corpus, vocab_size,
+        resume_checkpoint, training_args,
+    )  # fmt: skip
+    message = training_regularisation(model, start, label_smoothing, dropout)
+    if message:
+        logger.warning(message)
+    return model, tokenizer
+
+
+def _start(
+    model_class, image_size, model_size, model_name_or_path, pretraining_checkpoint, corpus, vocab_size,
+    resume_checkpoint, training_args,
+) -> tuple[BlipPreTrainedModel, PreTrainedTokenizerBase, str]:  # fmt: skip
+    """`start_task_model`'s head and tokenizer, with the kind of start (see `training_regularisation`)."""
     if model_name_or_path:
-        return model_class.from_pretrained(model_name_or_path), AutoTokenizer.from_pretrained(model_name_or_path)
+        model = model_class.from_pretrained(model_name_or_path)
+        return model, AutoTokenizer.from_pretrained(model_name_or_path), checkpoint_layout(model_name_or_path)
     if pretraining_checkpoint:
         from ..modeling_pretraining import BlipForPreTraining
 
@@ -348,10 +383,10 @@ def start_task_model(
         config = type(pretraining.config).from_dict(pretraining.config.to_dict())
         config.vision_config.image_size = image_size  # the ViT's position embeddings are resized to it
         model = task_head_from_pretraining(model_class, pretraining, config=config)
-        return model, AutoTokenizer.from_pretrained(pretraining_checkpoint)
+        return model, AutoTokenizer.from_pretrained(pretraining_checkpoint), "pretraining"
     tokenizer = run_vocabulary(corpus, vocab_size, training_args, resume_checkpoint)
     config = pretraining_config(model_size, image_size, text_config_token_kwargs(tokenizer))
-    return model_class(config), tokenizer
+    return model_class(config), tokenizer, "fresh"
 
 
 def write_run_summary(output_dir: str, title: str, metrics: dict[str, Any], notes: Sequence[str] = ()) -> None:
