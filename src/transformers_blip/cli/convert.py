@@ -41,6 +41,9 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--image-size", type=int, help="for a .pth: the model's input size (ViT positions resized)")
     parser.add_argument(
+        "--config", help="for a .pth: a config.json or model directory to use instead of inferring the config"
+    )
+    parser.add_argument(
         "--vocab_file", help="for a .pth: bert-base-uncased's vocab.txt, to write the processor beside the model"
     )
     parser.add_argument(
@@ -53,11 +56,12 @@ def add_parser(subparsers) -> None:
 
 
 def _from_original(args: argparse.Namespace) -> tuple[Any, Any, dict | None]:
-    from .. import build_processor, build_tokenizer
+    from .. import BlipConfig, build_processor, build_tokenizer
     from ..convert.original import load_original_checkpoint
 
     try:
-        model, report = load_original_checkpoint(args.source, args.head, args.image_size)
+        config = BlipConfig.from_pretrained(args.config) if args.config else None
+        model, report = load_original_checkpoint(args.source, args.head, args.image_size, config)
     except (ValueError, OSError, NotImplementedError) as error:
         raise CommandError(f"{args.source}: {error}") from None
     print(report.summary())
@@ -82,15 +86,16 @@ def _from_original(args: argparse.Namespace) -> tuple[Any, Any, dict | None]:
 
 
 def _from_directory(source: str) -> tuple[Any, Any, None]:
-    from .. import BlipConfig, BlipImageTextProcessor
+    from .. import BlipImageTextProcessor
     from ..convert.original import HEADS
 
     head_classes = {head_class.__name__: head_class for head_class in HEADS.values()}
     try:
-        config = BlipConfig.from_pretrained(source)
+        # The file itself: a transformers-layout config translated to ours keeps no `architectures`.
+        raw_config = json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise CommandError(f"{source}: not a BLIP model directory ({error})") from None
-    architecture = (config.architectures or ["no architecture"])[0]
+        raise CommandError(f"{source}: not a BLIP model directory (config.json: {error})") from None
+    architecture = (raw_config.get("architectures") or ["no architecture"])[0]
     if architecture not in head_classes:
         raise CommandError(f"{source}: {architecture} is not one of the heads {sorted(head_classes)}")
     try:
