@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         records.append({"image": image, "question": args.question, "answers": answers})
         if args.output is None:
-            listed = "; ".join(f"{answer['answer']} ({answer['score']:.3f})" for answer in answers)
+            listed = "; ".join(f"{answer['answer']} ({answer['score']:.4g})" for answer in answers)
             print(f"{image}: {listed}")
     if args.output is not None:
         write_text_atomically(
