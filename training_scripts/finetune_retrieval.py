@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
-from transformers.utils import logging
 
 from transformers_blip.data import BlipTrainTransform, SkipReport
 from transformers_blip.processing_blip import build_processor
@@ -44,6 +43,7 @@ from transformers_blip.training import (
 )
 from transformers_blip.training.captioning import load_caption_splits
 from transformers_blip.training.checkpoints import CheckpointError, allow_resume_without_path, checkpoint_to_resume
+from transformers_blip.training.finetuning import ResumableAugmentation
 from transformers_blip.training.retrieval import (
     RetrievalEvaluation,
     retrieval_run_summary,
@@ -52,8 +52,6 @@ from transformers_blip.training.retrieval import (
     start_retrieval_head,
     write_retrieval_outputs,
 )
-
-logger = logging.get_logger("finetune_retrieval")
 
 
 @dataclass
@@ -141,22 +139,24 @@ def main(argv: list[str] | None = None) -> dict:
         head, tokenizer, start = start_retrieval_head(
             model_args.image_size, model_args.model_size, model_args.model_name_or_path,
             model_args.pretraining_checkpoint, model_args.tokenizer_name_or_path, lambda: list(train["caption"]),
-            model_args.vocab_size, resume, training_args,
+            model_args.vocab_size, resume, training_args, model_args.dropout,
         )  # fmt: skip
         steps_per_epoch = optimizer_steps_per_epoch(train, training_args)
-        model, message = retrieval_training_model(
-            head, start, steps_per_epoch, retrieval_args.queue_size, retrieval_args.alpha, retrieval_args.momentum,
-            retrieval_args.negative_all_rank, retrieval_args.vision_gradient_checkpointing_layers, model_args.dropout,
+        model = retrieval_training_model(
+            head, steps_per_epoch, retrieval_args.queue_size, retrieval_args.alpha, retrieval_args.momentum,
+            retrieval_args.negative_all_rank, retrieval_args.vision_gradient_checkpointing_layers,
         )  # fmt: skip
     except (OSError, ValueError) as error:  # a missing file, a bad argument, a damaged checkpoint: say which
         raise SystemExit(f"error: {error}") from error
-    if message:
-        logger.warning(message)
     del head
 
-    train_transform = BlipTrainTransform(
-        model_args.image_size, scale=(data_args.min_crop_scale, 1.0), randaugment=data_args.randaugment
-    )
+    # Augmentations drawn from torch's generator, which checkpoints restore: exact resumes with or without workers.
+    train_transform = ResumableAugmentation(
+        lambda seed: BlipTrainTransform(
+            model_args.image_size, scale=(data_args.min_crop_scale, 1.0), randaugment=data_args.randaugment,
+            seed=seed,
+        )
+    )  # fmt: skip
     evaluation = RetrievalEvaluation(
         tokenizer, model_args.image_size, retrieval_args.k_test, retrieval_args.max_words, retrieval_args.max_length,
         batch_size=training_args.per_device_eval_batch_size,

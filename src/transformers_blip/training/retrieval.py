@@ -22,17 +22,18 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import PreTrainedTokenizerBase, TrainingArguments
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainingArguments
 
 from ..atomic_writes import write_text_atomically
 from ..configuration_blip import BlipConfig
+from ..convert.original import load_original_checkpoint
 from ..data import BlipEvalTransform, DecodeImages, SkipReport, load_image, pre_caption
 from ..evaluation.retrieval_eval import retrieval_scores
 from ..evaluation.retrieval_metrics import retrieval_recall
 from ..modeling_blip import BlipForImageTextRetrieval
 from ..modeling_retrieval_training import BlipForRetrievalTraining
-from .captioning import training_regularisation
 from .collators import DecodingCollator, ImageTextCollator
+from .finetuning import checkpoint_layout, training_regularisation
 from .vqa import start_task_model
 
 # The original's text handling in retrieval: captions cleaned to 30 words, tokenized to at most 35 tokens.
@@ -53,50 +54,44 @@ def start_retrieval_head(
     vocab_size: int = 30522,
     resume_checkpoint: str | None = None,
     training_args: TrainingArguments | None = None,
+    dropout: float | None = None,
 ) -> tuple[BlipForImageTextRetrieval, PreTrainedTokenizerBase, str]:
     """The retrieval head a run starts from, its tokenizer and the kind of start: `"original"` (a Salesforce `.pth`
     in `model_name_or_path`, whose ViT position embeddings are resized to `image_size`; the tokenizer from
     `tokenizer_name_or_path`), `"transformers"` or `"ours"` (a saved head), `"pretraining"` (a pretraining run, at
-    `image_size`) or `"fresh"` (a `model_size` model with a vocabulary trained on `corpus()`, see
-    `start_task_model`)."""
+    `image_size`) or `"fresh"` (a `model_size` model with a vocabulary trained on `corpus()`); see
+    `start_task_model`. `dropout` sets the text dropout (a start from transformers' layout gets BLIP's 0.1 unless it
+    is given, and the log says so)."""
+    if model_name_or_path and pretraining_checkpoint:
+        raise ValueError("give --model_name_or_path or --pretraining_checkpoint, not both")
     if model_name_or_path and str(model_name_or_path).endswith((".pth", ".pt")):
-        from transformers import AutoTokenizer
-
-        from ..convert.original import load_original_checkpoint
-
-        if pretraining_checkpoint:
-            raise ValueError("give --model_name_or_path or --pretraining_checkpoint, not both")
         if tokenizer_name_or_path is None:
             raise ValueError(f"{model_name_or_path} holds no tokenizer: pass --tokenizer_name_or_path")
         head, _ = load_original_checkpoint(model_name_or_path, head="retrieval", image_size=image_size)
+        training_regularisation(head, "original", dropout=dropout)
         return head, AutoTokenizer.from_pretrained(tokenizer_name_or_path), "original"
     head, tokenizer = start_task_model(
         BlipForImageTextRetrieval, image_size, model_size, model_name_or_path, pretraining_checkpoint, corpus,
-        vocab_size, resume_checkpoint, training_args,
+        vocab_size, resume_checkpoint, training_args, dropout=dropout,
     )  # fmt: skip
     if model_name_or_path:
-        start = "transformers" if BlipConfig.is_transformers_layout(model_name_or_path) else "ours"
-    else:
-        start = "pretraining" if pretraining_checkpoint else "fresh"
-    return head, tokenizer, start
+        return head, tokenizer, checkpoint_layout(model_name_or_path)
+    return head, tokenizer, "pretraining" if pretraining_checkpoint else "fresh"
 
 
 def retrieval_training_model(
     head: BlipForImageTextRetrieval,
-    start: str,
     steps_per_epoch: int,
     queue_size: int | None = None,
     alpha: float = 0.4,
     momentum: float | None = None,
     negative_all_rank: bool = False,
     vision_gradient_checkpointing_layers: int = 0,
-    dropout: float | None = None,
-) -> tuple[BlipForRetrievalTraining, str | None]:
-    """`head` as a [`BlipForRetrievalTraining`] with the original retrieval's training settings, and a line for the
-    log when the text dropout was set for a start from transformers' layout (`training_regularisation`).
+) -> BlipForRetrievalTraining:
+    """`head` as a [`BlipForRetrievalTraining`] with the original retrieval's training settings.
 
     Args:
-        head: the start (`start_retrieval_head`); `start` its kind.
+        head: the start (`start_retrieval_head`); its config, dropout included, is the training model's.
         steps_per_epoch: optimizer steps of one epoch: alpha ramps from 0 over them, as the original ramps it over
             its first epoch.
         queue_size, momentum: the queue's length and the momentum encoders' EMA rate; `None` keeps the head config's.
@@ -104,14 +99,12 @@ def retrieval_training_model(
         negative_all_rank: draw ITM negatives from every rank's batch (the original's COCO setting).
         vision_gradient_checkpointing_layers: recompute the activations of the last N ViT blocks in the backward
             pass (the original's `vit_ckpt_layer`), 0 for none.
-        dropout: text dropout; `None` keeps the config's (BLIP's 0.1 for a start from transformers' layout).
     """
     if vision_gradient_checkpointing_layers < 0:
         raise ValueError(
             f"vision_gradient_checkpointing_layers must be >= 0, got {vision_gradient_checkpointing_layers}"
         )
     config = BlipConfig.from_dict(head.config.to_dict())
-    message = training_regularisation(config, start, dropout=dropout)
     config.alpha, config.alpha_warmup_steps = alpha, steps_per_epoch
     config.negative_all_rank = negative_all_rank
     config.itc_global_keys = False  # the original's ITC keys: this rank's momentum features, then the queue
@@ -125,7 +118,7 @@ def retrieval_training_model(
     if vision_gradient_checkpointing_layers > 0:
         # The ViT alone, as the original: the text encoders keep their activations.
         model.vision_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, message
+    return model
 
 
 def retrieval_training_collator(
