@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,15 +16,17 @@ from conftest import make_config, make_tokenizer, random_image
 from datasets import Dataset
 from safetensors.torch import load_file
 
-from transformers_blip.data import BlipEvalTransform
+from transformers_blip.data import BlipEvalTransform, vqa_answer_list
 from transformers_blip.data.loaders import VG_ANSWER_WEIGHT, vqa_answer_weights
 from transformers_blip.modeling_blip import BlipForQuestionAnswering
 from transformers_blip.training.vqa import (
     AnswerPredictor,
     VqaCollator,
+    answer_accuracy,
     held_out_split,
     load_vqa_splits,
     rank_answers,
+    start_task_model,
 )
 
 SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "finetune_vqa.py"
@@ -54,21 +58,29 @@ def tiny_model() -> BlipForQuestionAnswering:
     return BlipForQuestionAnswering(make_config()).eval()
 
 
+def run_arguments(output: Path, model: Path) -> list[str]:
+    # Random crops, flips and RandAugment, decoded in the main process (no DataLoader workers, the default).
+    return [
+        "--output_dir", str(output), "--model_name_or_path", str(model), "--image_size", "32",
+        "--synthetic_num_vqa", "48", "--synthetic_num_vqa_test", "9", "--validation_share", "0.25",
+        "--num_train_epochs", "2", "--per_device_train_batch_size", "12", "--learning_rate", "1e-3",
+        "--k_test", "8", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
+    ]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
+def model_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("vqa_model")
+    tiny_model().save_pretrained(root)
+    make_tokenizer().save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, model_dir) -> Path:
     """Two epochs of the script from a saved tiny model: 36 training questions, 12 held out, 9 test questions."""
-    root = tmp_path_factory.mktemp("vqa")
-    tiny_model().save_pretrained(root / "model")
-    make_tokenizer().save_pretrained(root / "model")
-    output = root / "run"
-    load_script(SCRIPT).main(
-        [
-            "--output_dir", str(output), "--model_name_or_path", str(root / "model"), "--image_size", "32",
-            "--synthetic_num_vqa", "48", "--synthetic_num_vqa_test", "9", "--validation_share", "0.25",
-            "--num_train_epochs", "2", "--per_device_train_batch_size", "12", "--learning_rate", "1e-3",
-            "--k_test", "8", "--disable_tqdm", "true", "--randaugment", "false",
-        ]
-    )  # fmt: skip
+    output = tmp_path_factory.mktemp("vqa") / "run"
+    load_script(SCRIPT).main(run_arguments(output, model_dir))
     return output
 
 
@@ -95,6 +107,80 @@ def test_the_best_checkpoint_is_chosen_by_validation_accuracy_and_answers_the_te
     best = load_file(Path(metrics["best_checkpoint"]) / "model.safetensors")
     final = load_file(run / "model.safetensors")
     assert all(torch.equal(final[name], tensor) for name, tensor in best.items())  # the test used the best one
+
+
+def test_a_run_resumed_without_workers_ends_where_the_uninterrupted_one_does(run, model_dir, tmp_path):
+    """Augmentations in the main process draw from torch's generator, which the checkpoint restores; they once
+    drew from a stream of their own that restarted on resume, so the resumed epoch repeated the first one's."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run / "checkpoint-3", resumed / "checkpoint-3")  # as if stopped after epoch 1 (3 steps)
+    load_script(SCRIPT).main([*run_arguments(resumed, model_dir), "--resume_from_checkpoint"])
+    final, again = (load_file(path / "checkpoint-6" / "model.safetensors") for path in (run, resumed))
+    assert final.keys() == again.keys()
+    assert all(torch.equal(final[name], again[name]) for name in final)
+    before = load_file(run / "checkpoint-3" / "model.safetensors")
+    assert not all(torch.equal(before[name], final[name]) for name in final)  # epoch 2 trained something
+
+
+def test_evaluation_only_scores_the_given_weights_without_training(model_dir, tmp_path):
+    arguments = run_arguments(tmp_path / "evaluated", model_dir)
+    metrics = load_script(SCRIPT).main([*arguments, "--do_train", "false"])
+    splits = load_vqa_splits(
+        "synthetic",
+        validation_share=0.25,
+        seed=42,
+        synthetic_kwargs={"image_size": 32, "num_vqa": 48, "num_vqa_test": 9},
+    )
+    predictor = AnswerPredictor(make_tokenizer(), 32, "rank", vqa_answer_list(splits["train"]), k=8)
+    expected = answer_accuracy(predictor(tiny_model(), splits["validation"]), splits["validation"])["accuracy"]
+    assert metrics["evaluated"] == str(model_dir)
+    assert metrics["validation_accuracy"] == pytest.approx(expected)
+    answers = json.loads((tmp_path / "evaluated" / "vqa_result.json").read_text())
+    assert sorted(entry["question_id"] for entry in answers) == sorted(splits["test"]["question_id"])
+    assert not list((tmp_path / "evaluated").glob("checkpoint-*"))
+    with pytest.raises(SystemExit):  # nothing to evaluate
+        load_script(SCRIPT).main(["--output_dir", str(tmp_path), "--do_train", "false"])
+
+
+def hub_layout_head(path: Path) -> Path:
+    """A tiny VQA head saved in transformers' layout, with the hub's inference config: no smoothing, no dropout."""
+    from transformers_blip.convert.transformers_layout import save_in_transformers_layout
+
+    save_in_transformers_layout(tiny_model(), path)
+    config = json.loads((path / "config.json").read_text())
+    config["label_smoothing"] = 0.0
+    config["text_config"].update(label_smoothing=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (path / "config.json").write_text(json.dumps(config))
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def text_regularisation(model) -> tuple[set[float], set[float], set[float]]:
+    """(label smoothings, dropout probabilities of the configs, of the built dropout layers) of the text models."""
+    configs = [model.text_encoder.config, model.text_decoder.config]
+    layers = [layer for text in (model.text_encoder, model.text_decoder) for layer in text.modules()]
+    return (
+        {config.label_smoothing for config in configs},
+        {p for config in configs for p in (config.hidden_dropout_prob, config.attention_probs_dropout_prob)},
+        {layer.p for layer in layers if isinstance(layer, torch.nn.Dropout)},
+    )
+
+
+def test_a_transformers_layout_start_trains_with_blips_regularisation_unless_told(tmp_path, caplog):
+    hub = hub_layout_head(tmp_path / "hub")
+    with caplog.at_level(logging.WARNING):
+        model, _ = start_task_model(BlipForQuestionAnswering, 32, model_name_or_path=str(hub))
+    assert text_regularisation(model) == ({0.1}, {0.1}, {0.1})  # the answer decoder's own config too
+    assert "no label smoothing and no dropout" in caplog.text
+    chosen, _ = start_task_model(BlipForQuestionAnswering, 32, model_name_or_path=str(hub), label_smoothing=0.0,
+                                 dropout=0.2)  # fmt: skip
+    assert text_regularisation(chosen) == ({0.0}, {0.2}, {0.2})
+    caplog.clear()
+    tiny_model().save_pretrained(tmp_path / "ours")
+    make_tokenizer().save_pretrained(tmp_path / "ours")
+    ours, _ = start_task_model(BlipForQuestionAnswering, 32, model_name_or_path=str(tmp_path / "ours"))
+    assert text_regularisation(ours) == ({0.1}, {0.0}, {0.0})  # our config's own values are kept
+    assert "no label smoothing" not in caplog.text
 
 
 def token_loss(log_probs: torch.Tensor, target: int) -> torch.Tensor:
