@@ -44,13 +44,13 @@ def load_script(path: Path):
 
 
 def script_arguments(output: Path, model: Path) -> list[str]:
-    # No RandAugment and full-image crops: every random choice left is the pair's mirroring and the sampler's order,
-    # both drawn from torch's generator, which Trainer saves in each checkpoint.
+    # Every random choice (the sampler's order, the pair's mirroring, crops and RandAugment, in the main process:
+    # no DataLoader workers) is drawn from torch's generator, which Trainer saves in each checkpoint.
     return [
         "--output_dir", str(output), "--model_name_or_path", str(model), "--image_size", "32",
         "--synthetic_num_nlvr", "24", "--synthetic_num_nlvr_test", "6", "--validation_share", "0.25",
         "--num_train_epochs", "2", "--per_device_train_batch_size", "6", "--learning_rate", "1e-3",
-        "--randaugment", "false", "--min_crop_scale", "1.0", "--disable_tqdm", "true", "--save_total_limit", "3",
+        "--disable_tqdm", "true", "--save_total_limit", "3", "--dataloader_num_workers", "0",
     ]  # fmt: skip
 
 
@@ -103,6 +103,29 @@ def test_a_resumed_run_ends_where_the_uninterrupted_one_does(runs):
     resumed = load_file(runs["resumed"] / "checkpoint-6" / "model.safetensors")
     assert all(torch.equal(resumed[name], tensor) for name, tensor in uninterrupted.items())
     assert (runs["resumed"] / "nlvr_result.json").read_text() == (runs["run"] / "nlvr_result.json").read_text()
+
+
+def test_evaluation_only_of_the_best_checkpoint_measures_what_training_reported(runs, tmp_path):
+    run = runs["run"]
+    trained = json.loads((run / "metrics.json").read_text())
+    script = load_script(SCRIPT)
+    metrics = script.main([*script_arguments(tmp_path, run), "--do_train", "false"])  # the saved best weights
+    assert metrics["evaluated"] == str(run) and not list(tmp_path.glob("checkpoint-*"))
+    assert metrics["validation_accuracy"] == pytest.approx(trained["validation_accuracy"])
+    assert metrics["test_accuracy"] == pytest.approx(trained["test_accuracy"])
+    assert (tmp_path / "nlvr_result.json").read_text() == (run / "nlvr_result.json").read_text()
+
+
+def test_the_text_dropout_reaches_the_built_layers(tmp_path):
+    from transformers_blip.training.vqa import start_task_model
+
+    torch.manual_seed(0)
+    BlipForVisualReasoning(make_config()).save_pretrained(tmp_path)
+    make_tokenizer().save_pretrained(tmp_path)
+    model, _ = start_task_model(BlipForVisualReasoning, 32, model_name_or_path=str(tmp_path), dropout=0.2)
+    layers = [layer for layer in model.text_encoder.modules() if isinstance(layer, torch.nn.Dropout)]
+    assert layers and {layer.p for layer in layers} == {0.2}
+    assert model.config.text_config.attention_probs_dropout_prob == 0.2
 
 
 def test_a_mirrored_pair_swaps_and_flips_its_images_and_its_sides():
