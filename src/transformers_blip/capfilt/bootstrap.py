@@ -319,12 +319,15 @@ def _decode(tokenizer: Any, generated: torch.Tensor, prompt: str) -> list[str]:
     return decode_captions(tokenizer, generated, prompt=prompt or None)
 
 
+def _float64_linear(layer: torch.nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
+    """`layer(inputs)` in float64. A float32 matrix product rounds differently for different batch sizes (its
+    blocking changes), and a score must not depend on the batch its text was scored in; the heads are small."""
+    return torch.nn.functional.linear(inputs.double(), layer.weight.double(), layer.bias.double())
+
+
 def _exact_itc_feature(projection: torch.nn.Linear, states: torch.Tensor) -> torch.Tensor:
-    """`itc_feature` in float64: a float32 matrix product rounds differently for different batch sizes, and a
-    similarity must not depend on the batch its text was scored in."""
-    cls = states[:, 0].double()  # (B, D)
-    projected = torch.nn.functional.linear(cls, projection.weight.double(), projection.bias.double())
-    return torch.nn.functional.normalize(projected, dim=-1)  # (B, E)
+    """`itc_feature` with the projection in float64 (see `_float64_linear`), (B, E)."""
+    return torch.nn.functional.normalize(_float64_linear(projection, states[:, 0]), dim=-1)
 
 
 @torch.inference_mode()
@@ -347,7 +350,8 @@ def score_texts(
     multimodal = image_grounded_encoding(
         filter_model.text_encoder, input_ids, attention_mask, image_key_values=image_key_values
     ).last_hidden_state  # (B * T, L, D_t)
-    itm_probability = filter_model.itm_head(multimodal[:, 0]).float().softmax(dim=-1)[:, 1]  # (B * T,)
+    itm_logits = _float64_linear(filter_model.itm_head, multimodal[:, 0])  # (B * T, 2)
+    itm_probability = itm_logits.softmax(dim=-1)[:, 1].float()  # (B * T,)
     text_states = filter_model.text_encoder(input_ids, attention_mask=attention_mask, mode="text").last_hidden_state
     text_feat = _exact_itc_feature(filter_model.text_proj, text_states).view(num_images, per_image, -1)
     image_feat = _exact_itc_feature(filter_model.vision_proj, image_embeds)  # (B, E)
