@@ -22,7 +22,12 @@ from transformers_blip import BlipForImageTextRetrieval, BlipForPreTraining, Bli
 from transformers_blip.evaluation.retrieval_eval import retrieval_scores
 from transformers_blip.losses import NEGATIVE_SAMPLING_FLOOR, sample_hard_negatives
 from transformers_blip.training.captioning import load_caption_splits
-from transformers_blip.training.retrieval import RetrievalEvaluation, retrieval_texts, retrieval_training_model
+from transformers_blip.training.retrieval import (
+    RetrievalEvaluation,
+    retrieval_texts,
+    retrieval_training_model,
+    start_retrieval_head,
+)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "finetune_retrieval.py"
 QUEUE_SIZE = 8
@@ -344,3 +349,100 @@ def test_two_processes_train_with_negatives_from_every_rank(tmp_path):
     assert len(rankings["texts"]) == 25 and len(rankings["image_to_text"]) == 5
     config = json.loads((output_dir / "config.json").read_text())
     assert config["architectures"] == ["BlipForImageTextRetrieval"] and config["negative_all_rank"] is True
+
+
+def heads_64_wide_config():
+    """A tiny config whose attention heads are 64 wide, as every released BLIP's: an original `.pth` of it loads
+    with its config inferred from the tensor shapes."""
+    from transformers_blip import BlipConfig, BlipTextConfig, BlipVisionConfig
+
+    text = BlipTextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=37, num_hidden_layers=2, num_attention_heads=1,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    vision = BlipVisionConfig(
+        hidden_size=64, intermediate_size=37, num_hidden_layers=2, num_attention_heads=1, image_size=32, patch_size=8
+    )
+    return BlipConfig(text_config=text, vision_config=vision)
+
+
+def test_every_kind_of_start_gives_the_retrieval_head(tmp_path):
+    from conftest import make_tokenizer
+
+    from transformers_blip.convert.original import save_original_checkpoint
+    from transformers_blip.convert.transformers_layout import save_in_transformers_layout
+
+    torch.manual_seed(0)
+    head, tokenizer = BlipForImageTextRetrieval(heads_64_wide_config()), make_tokenizer()
+    pretraining = BlipForPreTraining(heads_64_wide_config())
+    save_original_checkpoint(head, tmp_path / "retrieval.pth")
+    for name, save in (
+        ("ours", head.save_pretrained),
+        ("transformers", lambda path: save_in_transformers_layout(head, path)),
+        ("pretraining", pretraining.save_pretrained),
+    ):
+        save(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+
+    pth = {"model_name_or_path": str(tmp_path / "retrieval.pth"), "tokenizer_name_or_path": str(tmp_path / "ours")}
+    starts = {
+        "ours": {"model_name_or_path": str(tmp_path / "ours")},
+        "transformers": {"model_name_or_path": str(tmp_path / "transformers")},
+        "original": pth,
+        "pretraining": {"pretraining_checkpoint": str(tmp_path / "pretraining")},
+    }
+    compared = ("itm_head.weight", "vision_proj.weight", "text_encoder.encoder.layer.1.crossattention.self.key.weight")
+    for kind, arguments in starts.items():
+        started, started_tokenizer, start = start_retrieval_head(32, **arguments)
+        assert start == kind and type(started) is BlipForImageTextRetrieval
+        assert started_tokenizer.get_vocab() == tokenizer.get_vocab()
+        source = pretraining if kind == "pretraining" else head
+        for name in compared:
+            assert torch.equal(started.get_parameter(name), source.get_parameter(name)), (kind, name)
+        # A transformers-layout config carries no dropout, so BLIP's 0.1 is trained with; a .pth's config is inferred
+        # with BLIP's 0.1; our saved configs keep their own 0.
+        expected_dropout = 0.1 if kind in ("transformers", "original") else 0.0
+        assert started.config.text_config.hidden_dropout_prob == expected_dropout
+        model = retrieval_training_model(started, steps_per_epoch=3)
+        assert model.config.text_config.hidden_dropout_prob == expected_dropout
+
+    with pytest.raises(ValueError, match="--tokenizer_name_or_path"):
+        start_retrieval_head(32, model_name_or_path=pth["model_name_or_path"])
+    with pytest.raises(ValueError, match="not both"):
+        start_retrieval_head(32, "tiny", str(tmp_path / "ours"), str(tmp_path / "pretraining"))
+
+
+def test_only_the_last_vit_blocks_are_checkpointed_and_the_gradients_do_not_change():
+    torch.manual_seed(0)
+    head = BlipForImageTextRetrieval(make_config(queue_size=0))
+    plain = retrieval_training_model(head, steps_per_epoch=3)
+    checkpointed = retrieval_training_model(head, steps_per_epoch=3, vision_gradient_checkpointing_layers=1)
+    assert [layer.gradient_checkpointing for layer in checkpointed.vision_model.encoder.layers] == [False, True]
+    assert not any(getattr(module, "gradient_checkpointing", False) for module in checkpointed.text_encoder.modules())
+    for model in (plain, checkpointed):
+        torch.manual_seed(1)
+        model(**make_batch()).loss.backward()
+    for (name, param), checked in zip(plain.named_parameters(), checkpointed.parameters()):
+        if param.grad is not None:
+            torch.testing.assert_close(checked.grad, param.grad, rtol=0, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="vision_gradient_checkpointing_layers"):
+        retrieval_training_model(head, steps_per_epoch=3, vision_gradient_checkpointing_layers=-1)
+
+
+@pytest.mark.parametrize("recipe", ["coco_retrieval", "flickr_retrieval"])
+def test_the_script_takes_every_value_of_the_retrieval_recipes(recipe):
+    from transformers_blip.training import RECIPES, parse_with_recipe
+
+    parsed = parse_with_recipe(load_script().build_parser(), ["--recipe", recipe, "--output_dir", "unused"])
+    values = {name: value for arguments in parsed for name, value in vars(arguments).items()}
+    assert {name: values[name] for name in RECIPES[recipe]} == RECIPES[recipe]
+    overridden = parse_with_recipe(load_script().build_parser(), ["--recipe", recipe, "--k_test", "16"])
+    assert overridden[2].k_test == 16  # the command line still wins
+
+
+def test_the_script_names_missing_annotation_files_and_starts(tmp_path):
+    script = load_script()
+    with pytest.raises(SystemExit, match="needs --val_file, --test_file"):
+        script.main(["--output_dir", str(tmp_path), "--source", "coco_karpathy", "--train_file", "train.json"])
+    with pytest.raises(SystemExit, match="--tokenizer_name_or_path"):
+        script.main(["--output_dir", str(tmp_path), *SCRIPT_ARGS, "--model_name_or_path", "model_base_retrieval.pth"])

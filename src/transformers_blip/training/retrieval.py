@@ -117,7 +117,7 @@ def retrieval_training_model(
     model = BlipForRetrievalTraining.from_retrieval_model(head, config)
     if vision_gradient_checkpointing_layers > 0:
         # The ViT alone, as the original: the text encoders keep their activations.
-        model.vision_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.vision_model.activation_checkpointing_enable({"use_reentrant": False})
     return model
 
 
