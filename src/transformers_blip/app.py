@@ -118,15 +118,20 @@ class BlipApp:
         retrieval_model: str | None = None,
         index: str | os.PathLike | None = None,
         vocab_file: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
     ) -> BlipApp:
         """An app of the models named as `from_pretrained` takes them (hub ids, directories of ours or in
         transformers' layout) or original `.pth` files (with `vocab_file`); `index` is a file `blip retrieve`
-        wrote with `retrieval_model`. A model that cannot be loaded, or does not do its job, raises the command
-        line's `CommandError`, naming it."""
+        wrote with `retrieval_model`. The models run on `device` in `dtype`. A model that cannot be loaded, or does
+        not do its job, raises the command line's `CommandError`, naming it."""
         from .cli.common import load_model
 
         def loaded(source: str | None, task: str) -> ModelAndProcessor | None:
-            return ModelAndProcessor(*load_model(source, task, vocab_file)) if source else None
+            if not source:
+                return None
+            model, processor = load_model(source, task, vocab_file)
+            return ModelAndProcessor(model.to(device=device, dtype=dtype), processor)
 
         return cls(
             captioner=loaded(model, "captioning"),
@@ -154,9 +159,18 @@ def _check_caption_options(options: CaptionSettings) -> None:
 DECODING_CHOICES = ("beam search", "nucleus sampling")
 
 
+def import_gradio() -> Any:
+    """The `gradio` module, or an ImportError that says how to install it."""
+    try:
+        import gradio
+    except ImportError as error:
+        raise ImportError(f"the web app needs Gradio: pip install 'transformers-blip[app]' ({error})") from None
+    return gradio
+
+
 def build_interface(app: BlipApp, title: str = "BLIP") -> gradio.Blocks:
     """The Gradio page of `app`: a tab for each service it offers. Launch it with `launch_interface`."""
-    import gradio as gr
+    gr = import_gradio()
 
     with gr.Blocks(title=title, analytics_enabled=False) as page:
         gr.Markdown(f"# {title}\nBootstrapping Language-Image Pre-training: captions, answers and search.")
@@ -250,7 +264,7 @@ def launch_interface(
 ) -> gradio.Blocks:
     """Builds the page of `app` and serves it at `host:port` (and the indexed images' folders, nothing else);
     `block=False` returns at once with the server running in the background (`page.close()` stops it)."""
-    import gradio as gr
+    gr = import_gradio()
 
     page = build_interface(app)
     # The system's fonts, not web fonts: the page loads nothing from outside the server.
@@ -266,4 +280,4 @@ def launch_interface(
     return page
 
 
-__all__ = ["BlipApp", "ModelAndProcessor", "build_interface", "launch_interface"]
+__all__ = ["BlipApp", "ModelAndProcessor", "build_interface", "import_gradio", "launch_interface"]

@@ -4,6 +4,7 @@
     blip retrieve photos/ --model ./retrieval --index photos.safetensors --text "a dog on a beach" --rerank
     blip vqa photo.jpg --model ./vqa --question "what colour is the car?"
     blip convert model_base_caption_capfilt_large.pth ./blip-captioning --vocab_file vocab.txt
+    blip serve --model ./captioner --vqa-model ./vqa --retrieval-model ./retrieval --index photos.safetensors
 
 Each subcommand is a module of this package with `add_parser(subparsers)`, which registers its options and sets
 `run`, a function of the parsed arguments returning the exit status; `SUBCOMMANDS` lists them, in the order
@@ -23,14 +24,17 @@ from collections.abc import Sequence
 
 from .common import CommandError
 
-# One module per subcommand, registered here and nowhere else (the web app's `serve` joins this list).
-SUBCOMMANDS = ("caption", "retrieve", "vqa", "convert")
+# One module per subcommand, registered here and nowhere else.
+SUBCOMMANDS = ("caption", "retrieve", "vqa", "convert", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blip",
-        description="BLIP's jobs: caption images, search them by text, answer questions, convert checkpoints.",
+        description=(
+            "BLIP's jobs: caption images, search them by text, answer questions, convert checkpoints, serve the web "
+            "app."
+        ),
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name in SUBCOMMANDS:
