@@ -248,14 +248,16 @@ def test_a_sigkilled_run_restarted_ends_byte_identical(tmp_path, model_dirs, ref
     reference_dir, _ = reference_run
     output_dir = tmp_path / "out"
     command = [sys.executable, str(SCRIPT), *script_command(model_dirs, output_dir, "--num_workers", "0")]
-    child = subprocess.Popen(command, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "killed.log"  # a file, not a pipe, which a chatty child could fill and block on
+    with open(log, "wb") as stderr:
+        child = subprocess.Popen(command, env=run_env(), stdout=subprocess.DEVNULL, stderr=stderr)
     first_marker = output_dir / "shard-00000.json"
     deadline = time.monotonic() + 240
     while not first_marker.exists() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
+    assert child.poll() is None, f"the run ended before it could be killed: {log.read_text()[-3000:]}"
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
-    assert child.returncode == -signal.SIGKILL, child.stderr.read().decode()[-3000:]
     assert not (output_dir / "manifest.json").exists()
     assert len(list(output_dir.glob("shard-*.json"))) < NUM_WEB // SHARD_SIZE
     result = subprocess.run(command, env=run_env(), capture_output=True, text=True, timeout=300)
@@ -273,7 +275,7 @@ def test_two_ranks_cover_every_image_once_and_write_what_one_process_writes(tmp_
     ]  # fmt: skip
     result = subprocess.run(command, env=run_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "CapFilt (rank 1)" in result.stderr or "CapFilt (rank 1)" in result.stdout
+    assert result.stdout.count(f"{NUM_WEB // SHARD_SIZE // 2} shards done here") == 2  # each rank did half
     web_keys = [s["key"] for s in iter_scores(output_dir) if s["source"] == "web"]
     assert len(web_keys) == NUM_WEB == len(set(web_keys))
     assert visible_files(output_dir) == visible_files(reference_dir)
