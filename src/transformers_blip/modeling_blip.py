@@ -374,8 +374,25 @@ class BlipModel(_ItcMixin, BlipPreTrainedModel):
 def generation_settings(defaults: GenerationConfig, generate_kwargs: dict) -> dict:
     """The head's generation defaults overridden by the caller's keyword arguments, as `generate` expects them."""
     generation_config = copy.deepcopy(generate_kwargs.pop("generation_config", None) or defaults)
+    _fit_default_lengths(generation_config, generate_kwargs)
     model_kwargs = generation_config.update(**generate_kwargs)  # returns what is not a generation setting
     return {"generation_config": generation_config, **model_kwargs}
+
+
+def _fit_default_lengths(generation_config: GenerationConfig, generate_kwargs: dict) -> None:
+    """Makes the head's default lengths give way to the caller's, so that generation has no conflict to warn of.
+
+    A caller's `max_new_tokens` (`min_new_tokens`) replaces the default `max_length` (`min_length`) rather than
+    joining it, and a caller's maximum below the default minimum (5 tokens for captions) lowers that minimum.
+    """
+    for new_tokens, length in (("max_new_tokens", "max_length"), ("min_new_tokens", "min_length")):
+        if generate_kwargs.get(new_tokens) is not None and length not in generate_kwargs:
+            setattr(generation_config, length, None)
+    if "min_length" in generate_kwargs or "min_new_tokens" in generate_kwargs or not generation_config.min_length:
+        return
+    max_new_tokens = generate_kwargs.get("max_new_tokens")
+    caps = [generate_kwargs.get("max_length"), max_new_tokens + 1 if max_new_tokens is not None else None]  # + [DEC]
+    generation_config.min_length = min([generation_config.min_length] + [cap for cap in caps if cap is not None])
 
 
 # Arguments of `adjust_generation_fn` that say where a checkpoint's files are.
