@@ -17,6 +17,7 @@ from transformers import (
 
 from .configuration_blip import BlipConfig, BlipTextConfig, BlipVisionConfig
 from .image_processing_blip import BlipImageProcessorAnyMode
+from .installed_pipelines import serve_installed_pipelines
 from .modeling_blip import (
     BlipAnswerRanking,
     BlipCaptionOutput,
@@ -67,6 +68,8 @@ def _register_with_auto_classes() -> None:
     BlipForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
     BlipForQuestionAnswering.register_for_auto_class("AutoModelForVisualQuestionAnswering")
     BlipForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+    # pipeline("image-to-text" / "visual-question-answering") on our models, served by this package's classes.
+    serve_installed_pipelines()
 
 
 _register_with_auto_classes()
