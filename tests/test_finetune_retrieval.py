@@ -318,6 +318,22 @@ def test_the_saved_head_loads_plainly_and_scores_like_the_best_checkpoint(finish
     assert recalls == pytest.approx(metrics["test"])
 
 
+def test_evaluation_only_ranks_the_splits_with_the_model_as_it_is(finished_run, tmp_path):
+    output_dir, metrics = finished_run
+    evaluated_dir = tmp_path / "evaluated"
+    arguments = ["--output_dir", str(evaluated_dir), *SCRIPT_ARGS, "--do_train", "false"]
+    summary = load_script().main([*arguments, "--model_name_or_path", str(output_dir)])
+    assert summary["evaluated"] == str(output_dir) and summary["start"] == "ours"
+    assert summary["test"] == pytest.approx(metrics["test"])  # the saved head is the best checkpoint's
+    assert json.loads((evaluated_dir / "metrics.json").read_text()) == json.loads(json.dumps(summary))
+    assert "without training" in (evaluated_dir / "results.md").read_text()
+    assert not list(evaluated_dir.glob("checkpoint-*"))
+    written = json.loads((evaluated_dir / "retrieval_result.json").read_text())
+    assert written == json.loads((output_dir / "retrieval_result.json").read_text())
+    with pytest.raises(SystemExit):  # nothing to evaluate
+        load_script().main(arguments)
+
+
 def test_a_resumed_run_ends_on_the_weights_of_an_uninterrupted_one(finished_run, tmp_path):
     output_dir, _ = finished_run
     # Stopped after epoch 1 and resumed: the last epoch ends on the same weights, momentum encoders and queues.
@@ -363,7 +379,7 @@ def heads_64_wide_config():
     vision = BlipVisionConfig(
         hidden_size=64, intermediate_size=37, num_hidden_layers=2, num_attention_heads=1, image_size=32, patch_size=8
     )
-    return BlipConfig(text_config=text, vision_config=vision)
+    return BlipConfig(text_config=text, vision_config=vision, embed_dim=32)
 
 
 def test_every_kind_of_start_gives_the_retrieval_head(tmp_path):

@@ -15,6 +15,10 @@ recipes on COCO and Flickr30K.
         --train_file coco_karpathy_train.json --val_file coco_karpathy_val.json --test_file coco_karpathy_test.json
     # the same under accelerate
     accelerate launch --num_processes 8 training_scripts/finetune_retrieval.py --recipe coco_retrieval ...
+    # evaluation only: a COCO-fine-tuned head on Flickr30K's validation and test splits, zero-shot
+    python training_scripts/finetune_retrieval.py --recipe flickr_retrieval --do_train false \
+        --model_name_or_path outputs/retrieval_coco --source coco_karpathy --image_root /data/flickr30k \
+        --val_file flickr30k_val.json --test_file flickr30k_test.json
 
 Under gradient accumulation ITC still contrasts each micro-batch with its own keys and the queue, which is what keeps
 its negatives many.
@@ -46,12 +50,15 @@ from transformers_blip.training.checkpoints import CheckpointError, allow_resume
 from transformers_blip.training.finetuning import ResumableAugmentation
 from transformers_blip.training.retrieval import (
     RetrievalEvaluation,
+    retrieval_evaluation_summary,
     retrieval_run_summary,
     retrieval_training_collator,
     retrieval_training_model,
     start_retrieval_head,
     write_retrieval_outputs,
 )
+
+SOURCES = ("synthetic", "coco_karpathy")
 
 
 @dataclass
@@ -71,7 +78,10 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    source: str = field(default="synthetic", metadata={"help": "synthetic or coco_karpathy (COCO or Flickr30K)."})
+    source: str = field(
+        default="synthetic",
+        metadata={"help": "The benchmark, or Karpathy JSON (COCO or Flickr30K).", "choices": SOURCES},
+    )
     train_file: str | None = field(default=None, metadata={"help": "coco_karpathy_train.json / flickr30k_train.json."})
     val_file: str | None = field(default=None, metadata={"help": "coco_karpathy_val.json / flickr30k_val.json."})
     test_file: str | None = field(default=None, metadata={"help": "coco_karpathy_test.json / flickr30k_test.json."})
@@ -106,9 +116,9 @@ def build_parser() -> HfArgumentParser:
     allow_resume_without_path(parser)
     # The tiny run's optimisation; `--recipe coco_retrieval` / `flickr_retrieval` set the original's. Validation
     # r_mean every epoch picks the best checkpoint. The collator reads `image`, `caption` and `image_id`, so Trainer
-    # must keep those columns.
+    # must keep those columns. `--do_train false` ranks the validation and test splits with the model as it starts.
     parser.set_defaults(
-        output_dir="outputs/retrieval", learning_rate=3e-4, weight_decay=0.05, num_train_epochs=5,
+        do_train=True, output_dir="outputs/retrieval", learning_rate=3e-4, weight_decay=0.05, num_train_epochs=5,
         per_device_train_batch_size=32, per_device_eval_batch_size=64, logging_steps=10, eval_strategy="epoch",
         save_strategy="epoch", metric_for_best_model="r_mean", greater_is_better=True, load_best_model_at_end=True,
         report_to="none", remove_unused_columns=False, dataloader_num_workers=2,
@@ -123,6 +133,12 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.remove_unused_columns:
         parser.error("--remove_unused_columns must stay False: Trainer would drop the image and caption columns")
     check_processes_train_together(training_args)
+    if not training_args.do_train and not (model_args.model_name_or_path or model_args.pretraining_checkpoint):
+        parser.error(
+            "evaluation only (--do_train false) needs a model: --model_name_or_path or --pretraining_checkpoint"
+        )
+    if retrieval_args.vision_gradient_checkpointing_layers < 0:
+        parser.error("--vision_gradient_checkpointing_layers counts the last ViT blocks to checkpoint: 0 or more")
     report = SkipReport(log_dir=os.path.join(training_args.output_dir, "skipped"), strict=data_args.strict_data)
     synthetic_kwargs = {
         "seed": data_args.synthetic_seed, "image_size": model_args.image_size,
@@ -134,20 +150,27 @@ def main(argv: list[str] | None = None) -> dict:
             train, val, test = load_caption_splits(
                 data_args.source, data_args.train_file, data_args.val_file, data_args.test_file,
                 data_args.image_root, retrieval_args.max_words, synthetic_kwargs, report=report,
+                with_train=training_args.do_train,
             )  # fmt: skip
-        resume = checkpoint_to_resume(training_args)
+        resume = checkpoint_to_resume(training_args) if training_args.do_train else None
         head, tokenizer, start = start_retrieval_head(
             model_args.image_size, model_args.model_size, model_args.model_name_or_path,
             model_args.pretraining_checkpoint, model_args.tokenizer_name_or_path, lambda: list(train["caption"]),
             model_args.vocab_size, resume, training_args, model_args.dropout,
         )  # fmt: skip
-        steps_per_epoch = optimizer_steps_per_epoch(train, training_args)
-        model = retrieval_training_model(
-            head, steps_per_epoch, retrieval_args.queue_size, retrieval_args.alpha, retrieval_args.momentum,
-            retrieval_args.negative_all_rank, retrieval_args.vision_gradient_checkpointing_layers,
-        )  # fmt: skip
     except (OSError, ValueError) as error:  # a missing file, a bad argument, a damaged checkpoint: say which
         raise SystemExit(f"error: {error}") from error
+    evaluation = RetrievalEvaluation(
+        tokenizer, model_args.image_size, retrieval_args.k_test, retrieval_args.max_words, retrieval_args.max_length,
+        batch_size=training_args.per_device_eval_batch_size,
+    )  # fmt: skip
+    if not training_args.do_train:
+        return evaluate_only(head, tokenizer, evaluation, training_args, val, test, model_args, start, report)
+    steps_per_epoch = optimizer_steps_per_epoch(train, training_args)
+    model = retrieval_training_model(
+        head, steps_per_epoch, retrieval_args.queue_size, retrieval_args.alpha, retrieval_args.momentum,
+        retrieval_args.negative_all_rank, retrieval_args.vision_gradient_checkpointing_layers,
+    )  # fmt: skip
     del head
 
     # Augmentations drawn from torch's generator, which checkpoints restore: exact resumes with or without workers.
@@ -156,10 +179,6 @@ def main(argv: list[str] | None = None) -> dict:
             model_args.image_size, scale=(data_args.min_crop_scale, 1.0), randaugment=data_args.randaugment,
             seed=seed,
         )
-    )  # fmt: skip
-    evaluation = RetrievalEvaluation(
-        tokenizer, model_args.image_size, retrieval_args.k_test, retrieval_args.max_words, retrieval_args.max_length,
-        batch_size=training_args.per_device_eval_batch_size,
     )  # fmt: skip
     trainer = BlipFineTuningTrainer(
         model=model, args=training_args, train_dataset=train, eval_dataset=val, processing_class=tokenizer,
@@ -180,6 +199,22 @@ def main(argv: list[str] | None = None) -> dict:
         # The fine-tuned head alone: no momentum weights, no queues.
         model.to_retrieval_model().save_pretrained(training_args.output_dir)
         build_processor(tokenizer, model_args.image_size).save_pretrained(training_args.output_dir)
+        write_retrieval_outputs(training_args.output_dir, summary, evaluation.rankings)
+        report.finish(os.path.join(training_args.output_dir, "skipped.jsonl"))
+    return summary
+
+
+def evaluate_only(head, tokenizer, evaluation, training_args, val, test, model_args, start, report) -> dict:
+    """Ranks the validation and test splits with the head as it starts (the original's `--evaluate`, e.g. a
+    COCO-fine-tuned head zero-shot on Flickr30K); writes `metrics.json`, `results.md` and the test rankings."""
+    trainer = BlipFineTuningTrainer(
+        model=head, args=training_args, eval_dataset=val, processing_class=tokenizer, task_evaluation=evaluation
+    )
+    val_metrics = trainer.evaluate(val, metric_key_prefix="val")
+    test_metrics = trainer.evaluate(test, metric_key_prefix="test")
+    evaluated = model_args.model_name_or_path or model_args.pretraining_checkpoint
+    summary = retrieval_evaluation_summary(evaluated, val_metrics, test_metrics, evaluation.k_test, start)
+    if trainer.is_world_process_zero():
         write_retrieval_outputs(training_args.output_dir, summary, evaluation.rankings)
         report.finish(os.path.join(training_args.output_dir, "skipped.jsonl"))
     return summary

@@ -267,14 +267,27 @@ def retrieval_run_summary(
     }
 
 
+def retrieval_evaluation_summary(
+    evaluated: str, val_metrics: dict[str, float], test_metrics: dict[str, float], k_test: int, start: str
+) -> dict[str, Any]:
+    """What `metrics.json` holds after an evaluation without training: the model, its validation and test recalls,
+    `k_test` and the kind of start."""
+    val, test = _recalls(val_metrics, "val_"), _recalls(test_metrics, "test_")
+    return {"evaluated": evaluated, "val": val, "test": test, "k_test": k_test, "start": start}
+
+
 def retrieval_results_markdown(summary: dict[str, Any]) -> str:
-    """A short `results.md`: recall@K both ways of the best checkpoint on validation and on test."""
+    """A short `results.md`: recall@K both ways on validation and on test, of the best checkpoint or of the model
+    evaluated without training."""
     names = [name for name in summary["test"] if name.startswith(("txt_r", "img_r", "r_mean"))]
+    if "evaluated" in summary:
+        origin = f"Evaluation of `{summary['evaluated']}`, without training"
+    else:
+        origin = f"Best checkpoint by validation {summary['metric_for_best_model']}: `{summary['best_checkpoint']}`"
     lines = [
         "# Retrieval fine-tuning",
         "",
-        f"Best checkpoint by validation {summary['metric_for_best_model']}: `{summary['best_checkpoint']}`; "
-        f"ITC top {summary['k_test']} re-ranked by ITM.",
+        f"{origin}; ITC top {summary['k_test']} re-ranked by ITM.",
         "",
         "| split | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
@@ -304,6 +317,7 @@ __all__ = [
     "RETRIEVAL_MAX_WORDS",
     "RetrievalEvaluation",
     "ranked_candidates",
+    "retrieval_evaluation_summary",
     "retrieval_results_markdown",
     "retrieval_run_summary",
     "retrieval_texts",
