@@ -182,3 +182,33 @@ def test_the_page_has_a_tab_for_each_service(app, models):
     assert labels == {"Caption", "Ask", "Search"}
     only_vqa = build_interface(BlipApp(vqa=models["vqa"]))
     assert {block.label for block in only_vqa.blocks.values() if type(block).__name__ == "Tab"} == {"Ask"}
+
+
+def test_blip_serve_refuses_what_it_cannot_serve_in_one_line(models, photos, tmp_path, capsys):
+    from transformers_blip.cli import main
+
+    for name in ("captioner", "retrieval"):
+        models[name].model.save_pretrained(tmp_path / name)
+        models[name].processor.save_pretrained(tmp_path / name)
+    torch.manual_seed(2)
+    other = BlipForImageTextRetrieval(make_config()).eval()
+    ImageIndex.build(other, models["retrieval"].processor, photos, tmp_path / "other.index.safetensors")
+    refused = {
+        (): "nothing to serve",
+        ("--retrieval-model", str(tmp_path / "retrieval")): "needs both --retrieval-model and --index",
+        ("--model", str(tmp_path / "captioner"), "--port", "70000"): "--port 70000",
+        ("--vqa-model", str(tmp_path / "captioner")): "is not a VQA model",
+        ("--model", str(tmp_path / "nowhere")): "nowhere",
+        (
+            "--retrieval-model",
+            str(tmp_path / "retrieval"),
+            "--index",
+            str(tmp_path / "other.index.safetensors"),
+        ): "another model",
+    }
+    capsys.readouterr()
+    for arguments, message in refused.items():
+        assert main(["serve", *arguments]) == 2
+        error = capsys.readouterr().err
+        said = [line for line in error.splitlines() if line.startswith("blip serve: ")]
+        assert len(said) == 1 and message in said[0] and "Traceback" not in error

@@ -1,11 +1,15 @@
 """The web app in a real browser: Debian's headless chromium, driven through WebDriver by selenium with Debian's
 chromium-driver (same source package, so the driver always matches the browser, and nothing is downloaded at test
-time). The server runs on a free localhost port; the test uploads a synthetic image, reads the caption from the
+time). `blip serve` runs on a free localhost port; the test uploads a synthetic image, reads the caption from the
 page, asks a question and reads the answer, searches the index, and saves a screenshot of each step."""
 
+import os
 import shutil
 import socket
 import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 import torch
@@ -18,7 +22,7 @@ from transformers_blip import (
     BlipForQuestionAnswering,
     build_processor,
 )
-from transformers_blip.app import BlipApp, ModelAndProcessor, launch_interface
+from transformers_blip.app import BlipApp
 from transformers_blip.retrieval_index import ImageIndex
 
 DEBIAN_PACKAGES = ("chromium", "chromium-driver")
@@ -65,24 +69,63 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
+    """`blip serve` in its own process on a free port, with tiny models saved as a user's would be; yields the same
+    app loaded in this process (to compute what the page must show) and the page's address."""
+    root = tmp_path_factory.mktemp("served")
     torch.manual_seed(0)
     processor = build_processor(make_tokenizer(), image_size=32)
-    photos = tmp_path_factory.mktemp("photos")
+    vqa_model = BlipForQuestionAnswering(make_config())
+    vqa_model.generation_config.min_length = 4  # a random decoder would end at once: an empty answer shows nothing
+    heads = {
+        "captioner": BlipForConditionalGeneration(make_config()),
+        "vqa": vqa_model,
+        "retrieval": BlipForImageTextRetrieval(make_config()),
+    }
+    for name, model in heads.items():
+        model.save_pretrained(root / name)
+        processor.save_pretrained(root / name)
+    photos = root / "photos"
+    photos.mkdir()
     for index in range(3):
         random_image(index).save(photos / f"photo{index}.png")
-    retrieval = ModelAndProcessor(BlipForImageTextRetrieval(make_config()).eval(), processor)
-    vqa_model = BlipForQuestionAnswering(make_config()).eval()
-    vqa_model.generation_config.min_length = 4  # a random decoder would end at once: an empty answer shows nothing
-    app = BlipApp(
-        captioner=ModelAndProcessor(BlipForConditionalGeneration(make_config()).eval(), processor),
-        vqa=ModelAndProcessor(vqa_model, processor),
-        retrieval=retrieval,
-        index=ImageIndex.build(*retrieval, photos, photos.parent / "photos.index.safetensors"),
-    )
+    ImageIndex.build(heads["retrieval"].eval(), processor, photos, root / "photos.index.safetensors")
+    models = {
+        "model": str(root / "captioner"),
+        "vqa_model": str(root / "vqa"),
+        "retrieval_model": str(root / "retrieval"),
+        "index": str(root / "photos.index.safetensors"),
+    }
     port = _free_port()
-    page = launch_interface(app, port=port, block=False, quiet=True)
-    yield app, f"http://127.0.0.1:{port}/"
-    page.close()
+    command = [sys.executable, "-m", "transformers_blip.cli", "serve", "--port", str(port), "--device", "cpu"]
+    for option, value in models.items():
+        command += [f"--{option.replace('_', '-')}", value]
+    log = open(root / "serve.log", "w")
+    server = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    try:
+        app = BlipApp.load(**models)
+        url = f"http://127.0.0.1:{port}/"
+        _wait_for_server(server, url, root / "serve.log")
+        yield app, url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def _wait_for_server(server: subprocess.Popen, url: str, log_path) -> None:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"blip serve exited with {server.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"blip serve did not answer at {url} within {WAIT_SECONDS} s: {log_path.read_text()[-2000:]}")
 
 
 def _value(driver, selector: str) -> str:
