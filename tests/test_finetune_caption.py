@@ -281,37 +281,6 @@ def eval_split(num_images: int = 5) -> Dataset:
     return Dataset.from_dict(rows, features=Features(CAPTIONS_FEATURES))
 
 
-def caption_on_rank(rank: int, store_path: str, output_dir: str) -> None:
-    """One of two gloo processes: captions its share of the split, gathers everyone's, writes what it got."""
-    store = torch.distributed.FileStore(store_path, 2)
-    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        model = BlipForConditionalGeneration(make_config()).eval()
-        captioned = []
-        generate = model.generate
-        model.generate = lambda pixel_values, **kwargs: (
-            captioned.append(len(pixel_values)) or generate(pixel_values, **kwargs)
-        )
-        evaluation = CaptionEvaluation(make_tokenizer(), BlipEvalTransform(32), CaptionGeneration(max_length=9), 2)
-        results = evaluation.caption(model, eval_split())
-        Path(output_dir, f"rank{rank}.json").write_text(json.dumps({"results": results, "captioned": sum(captioned)}))
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def test_two_ranks_caption_each_image_once_and_share_the_results(tmp_path):
-    torch.manual_seed(0)
-    model = BlipForConditionalGeneration(make_config()).eval()
-    evaluation = CaptionEvaluation(make_tokenizer(), BlipEvalTransform(32), CaptionGeneration(max_length=9), 2)
-    alone = evaluation.caption(model, eval_split())
-    assert [entry["image_id"] for entry in alone] == [10, 11, 12, 13, 14]
-    torch.multiprocessing.spawn(caption_on_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
-    written = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert [share["captioned"] for share in written] == [3, 2]  # contiguous shares of the 5 images
-    assert all(share["results"] == alone for share in written)  # every rank holds all captions, in order
-
-
 @pytest.mark.parametrize("recipe", ["coco_caption", "nocaps"])
 def test_the_script_takes_every_value_of_the_captioning_recipes(recipe):
     from transformers_blip.training import RECIPES, parse_with_recipe
