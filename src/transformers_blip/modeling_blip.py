@@ -467,7 +467,7 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
             pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): the images.
             input_ids (`torch.LongTensor` of shape `(B, L)`): tokenized captions (`[CLS]` is replaced by `[DEC]`).
             labels (`torch.LongTensor` of shape `(B, L)`, *optional*): targets aligned with `input_ids`, usually
-                `input_ids` itself. Pads, `[DEC]` and the `prompt_length` prompt tokens after it get no loss.
+                `input_ids` itself. Pads, `[DEC]` and the prompt after it (see `prompt_length`) get no loss.
             prompt_length (`int`, *optional*): number of prompt tokens after `[DEC]` in every text, e.g. 3 for
                 "a picture of " ("a", "picture", "of"; `training.captioning.caption_prompt_length` counts them);
                 the original's `prompt_length` counts `[DEC]` too (4 for that prompt). 0: the texts carry no
