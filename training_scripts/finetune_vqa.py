@@ -181,7 +181,8 @@ def main(args: list[str] | None = None) -> dict:
             metrics["validation_accuracy"] = trainer.evaluate()["eval_accuracy"]
 
     test = splits["test"]
-    predictions = predictor(model.eval(), test)  # the best checkpoint's weights, reloaded by Trainer; every rank
+    # Every rank answers its share, with the best checkpoint's weights (reloaded by Trainer) or the given ones.
+    predictions = predictor(model.eval(), test)
     if has_human_answers(test):
         metrics["test_accuracy"] = answer_accuracy(predictions, test)["accuracy"]
     metrics.update(test_questions=len(test), inference=inference_args.inference, skipped=len(report))
