@@ -212,3 +212,26 @@ def test_blip_serve_refuses_what_it_cannot_serve_in_one_line(models, photos, tmp
         error = capsys.readouterr().err
         said = [line for line in error.splitlines() if line.startswith("blip serve: ")]
         assert len(said) == 1 and message in said[0] and "Traceback" not in error
+
+
+def test_the_space_builds_its_app_from_environment_variables(models, tmp_path, monkeypatch):
+    import runpy
+    from pathlib import Path
+
+    for name in ("captioner", "vqa"):
+        models[name].model.save_pretrained(tmp_path / name)
+        models[name].processor.save_pretrained(tmp_path / name)
+    monkeypatch.setenv("BLIP_CAPTION_MODEL", str(tmp_path / "captioner"))
+    monkeypatch.setenv("BLIP_VQA_MODEL", "")  # an empty value leaves the tab out
+    space = runpy.run_path(str(Path(__file__).parents[1] / "spaces" / "app.py"), run_name="space")
+    assert space["app"].services == ["caption"]
+    assert {block.label for block in space["demo"].blocks.values() if type(block).__name__ == "Tab"} == {"Caption"}
+    image = random_image(5)
+    assert space["app"].caption(image) == BlipApp(captioner=models["captioner"]).caption(image)
+
+    monkeypatch.setenv("BLIP_VQA_MODEL", str(tmp_path / "vqa"))
+    monkeypatch.setenv("BLIP_RETRIEVAL_MODEL", str(tmp_path / "vqa"))  # without BLIP_INDEX
+    with pytest.raises(ValueError, match="both a retrieval model and the index"):
+        BlipApp.from_environment()
+    monkeypatch.delenv("BLIP_RETRIEVAL_MODEL")
+    assert BlipApp.from_environment().services == ["caption", "vqa"]

@@ -13,7 +13,7 @@ the package's pipelines, which also strip the prompt from captions. Gradio is th
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     import gradio
 
 SEARCH_RESULTS = 8  # images shown for a query by default
+# The released checkpoints a hub Space serves unless its settings name others (see `BlipApp.from_environment`).
+DEFAULT_CAPTION_MODEL = "Salesforce/blip-image-captioning-base"
+DEFAULT_VQA_MODEL = "Salesforce/blip-vqa-base"
 
 
 class ModelAndProcessor(NamedTuple):
@@ -127,6 +130,9 @@ class BlipApp:
         not do its job, raises the command line's `CommandError`, naming it."""
         from .cli.common import load_model
 
+        if (retrieval_model is None) != (index is None):  # before any model is loaded
+            raise ValueError("text-to-image search needs both a retrieval model and the index it built")
+
         def loaded(source: str | None, task: str) -> ModelAndProcessor | None:
             if not source:
                 return None
@@ -138,6 +144,21 @@ class BlipApp:
             vqa=loaded(vqa_model, "vqa"),
             retrieval=loaded(retrieval_model, "retrieval"),
             index=ImageIndex.load(index) if index is not None else None,
+        )
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> BlipApp:
+        """An app of the models named by environment variables, as a hub Space's settings give them:
+        `BLIP_CAPTION_MODEL` and `BLIP_VQA_MODEL` (the released base checkpoints by default; set one empty to leave
+        its tab out), `BLIP_RETRIEVAL_MODEL` with `BLIP_INDEX` (search, off unless both are set), and
+        `BLIP_VOCAB_FILE` for original `.pth` files."""
+        environ = os.environ if environ is None else environ
+        return cls.load(
+            model=environ.get("BLIP_CAPTION_MODEL", DEFAULT_CAPTION_MODEL) or None,
+            vqa_model=environ.get("BLIP_VQA_MODEL", DEFAULT_VQA_MODEL) or None,
+            retrieval_model=environ.get("BLIP_RETRIEVAL_MODEL") or None,
+            index=environ.get("BLIP_INDEX") or None,
+            vocab_file=environ.get("BLIP_VOCAB_FILE") or None,
         )
 
 
@@ -260,13 +281,18 @@ def _shown_errors(gr: Any, function: Any, *args: Any) -> Any:
 
 
 def launch_interface(
-    app: BlipApp, host: str = "127.0.0.1", port: int = 7860, block: bool = True, **launch_kwargs: Any
+    app: BlipApp,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    block: bool = True,
+    page: gradio.Blocks | None = None,
+    **launch_kwargs: Any,
 ) -> gradio.Blocks:
-    """Builds the page of `app` and serves it at `host:port` (and the indexed images' folders, nothing else);
-    `block=False` returns at once with the server running in the background (`page.close()` stops it)."""
+    """Serves the page of `app` (`page`, or one `build_interface` builds) at `host:port`, with access to the indexed
+    images' folders and nothing else of the disk; `block=False` returns at once with the server running in the
+    background (`page.close()` stops it)."""
     gr = import_gradio()
-
-    page = build_interface(app)
+    page = page if page is not None else build_interface(app)
     # The system's fonts, not web fonts: the page loads nothing from outside the server.
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"])
     page.launch(
