@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_config
+from dist_retrieval_training import BATCH_IDS, QUEUE_SIZE, make_batch, make_training_model, recording_sampler
 from safetensors.torch import load_file
 
 import transformers_blip.modeling_pretraining as modeling_pretraining
@@ -30,9 +31,7 @@ from transformers_blip.training.retrieval import (
 )
 
 SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "finetune_retrieval.py"
-QUEUE_SIZE = 8
-BATCH_IDS = [7, 7, 3, 5, 9]  # two captions of image 7
-QUEUE_IDS = [3, -100, 7, 11, 12, 13, -100, 14]  # images 3 and 7 also have queued captions
+DIST_SCRIPT = Path(__file__).with_name("dist_retrieval_training.py")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,39 +43,6 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def make_training_model(**overrides) -> BlipForRetrievalTraining:
-    """A tiny training model from a random retrieval head, with a filled queue and nudged momentum encoders (so that
-    momentum and online features differ, as they do after a few steps)."""
-    torch.manual_seed(0)
-    head = BlipForImageTextRetrieval(make_config(queue_size=QUEUE_SIZE, **overrides))
-    model = BlipForRetrievalTraining.from_retrieval_model(head)
-    with torch.no_grad():
-        model.image_queue.copy_(F.normalize(torch.randn_like(model.image_queue), dim=0))
-        model.text_queue.copy_(F.normalize(torch.randn_like(model.text_queue), dim=0))
-        model.idx_queue.copy_(torch.tensor([QUEUE_IDS]))
-        for param in model.text_encoder_m.parameters():
-            param.add_(0.02 * torch.randn_like(param))
-        for param in model.vision_model_m.parameters():
-            param.add_(0.02 * torch.randn_like(param))
-    return model.train()
-
-
-def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    batch_size, length = len(BATCH_IDS), 9
-    input_ids = torch.randint(104, 126, (batch_size, length), generator=generator)
-    input_ids[:, 0] = 101
-    lengths = torch.tensor([9, 5, 7, 4, 6])
-    attention_mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
-    input_ids[torch.arange(batch_size), lengths - 1] = 102
-    return {
-        "pixel_values": torch.randn(batch_size, 3, 32, 32, generator=generator),
-        "input_ids": input_ids.masked_fill(attention_mask == 0, 0),
-        "attention_mask": attention_mask,
-        "image_ids": torch.tensor(BATCH_IDS),
-    }
 
 
 def original_retrieval_losses(model, batch, alpha, queues, negative_image_indices, negative_text_indices):
@@ -136,12 +102,7 @@ def test_retrieval_loss_equals_the_original_formulas_with_its_negatives(monkeypa
     model, batch = make_training_model(), make_batch()
     queues = (model.image_queue.clone(), model.text_queue.clone(), model.idx_queue.clone())
     drawn = []
-
-    def recording_sampler(logits, positives, generator=None, floor=NEGATIVE_SAMPLING_FLOOR):
-        drawn.append((logits.clone(), positives.clone(), floor))
-        return sample_hard_negatives(logits, positives, generator, floor)
-
-    monkeypatch.setattr(modeling_pretraining, "sample_hard_negatives", recording_sampler)
+    monkeypatch.setattr(modeling_pretraining, "sample_hard_negatives", recording_sampler(drawn))
     output = model(**batch, alpha=0.3)
     loss_ita, loss_itm, image_feat, text_feat, temp = original_retrieval_losses(
         model, batch, 0.3, queues, output.itm_negative_image_indices, output.itm_negative_text_indices
@@ -462,3 +423,30 @@ def test_the_script_names_missing_annotation_files_and_starts(tmp_path):
         script.main(["--output_dir", str(tmp_path), "--source", "coco_karpathy", "--train_file", "train.json"])
     with pytest.raises(SystemExit, match="--tokenizer_name_or_path"):
         script.main(["--output_dir", str(tmp_path), *SCRIPT_ARGS, "--model_name_or_path", "model_base_retrieval.pth"])
+
+
+def test_two_ranks_draw_negatives_from_both_batches_by_the_online_similarity(tmp_path, monkeypatch):
+    from dist_retrieval_training import RANK_SIZES
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*command, str(DIST_SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+
+    # One process on the whole batch draws from the same five candidates, with the same weights.
+    drawn = []
+    monkeypatch.setattr(modeling_pretraining, "sample_hard_negatives", recording_sampler(drawn))
+    make_training_model(negative_all_rank=True)(**make_batch())
+    same_id = torch.tensor(BATCH_IDS)[:, None] == torch.tensor(BATCH_IDS)[None, :]
+    for rank, seen in enumerate(ranks):
+        rows = slice(sum(RANK_SIZES[:rank]), sum(RANK_SIZES[: rank + 1]))
+        for (logits, positives, floor), (whole_logits, whole_positives, _) in zip(seen["drawn"], drawn):
+            assert logits.shape == (RANK_SIZES[rank], len(BATCH_IDS))  # both ranks' pairs are candidates
+            torch.testing.assert_close(logits, whole_logits[rows], rtol=0, atol=1e-5)
+            assert torch.equal(positives, whole_positives[rows]) and torch.equal(positives, same_id[rows])
+            assert floor == 0.0
+        for name in ("negative_image_indices", "negative_text_indices"):
+            assert not same_id[rows][torch.arange(RANK_SIZES[rank]), seen[name]].any()
