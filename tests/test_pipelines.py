@@ -329,3 +329,84 @@ def test_a_processor_without_the_package_decoder_is_refused_clearly(config, toke
     captioner = BlipImageToTextPipeline(model=model, processor=foreign)
     with pytest.raises(TypeError, match=r"BlipImageProcessorPil has no `load_image`.*build_processor"):
         captioner(random_image(7))
+
+
+def test_both_pipelines_work_without_remote_code_when_the_package_is_installed(saved_captioner, saved_vqa):
+    import transformers
+
+    captioner_model, captioner_path = saved_captioner
+    captioner = transformers.pipeline("image-to-text", model=str(captioner_path))
+    assert isinstance(captioner, BlipImageToTextPipeline)
+    expected = captioner_model.generate(captioner.preprocess(random_image(5))["pixel_values"], num_beams=1)
+    text = captioner.processor.decode_captions(expected)[0]
+    assert captioner(random_image(5), num_beams=1) == [{"generated_text": text}]
+
+    _, vqa_path = saved_vqa
+    vqa = transformers.pipeline("visual-question-answering", model=str(vqa_path))
+    assert isinstance(vqa, BlipVisualQuestionAnsweringPipeline)
+    ranked = vqa(image=random_image(6), question="what colour?", candidates=["red", "blue"], top_k=2)
+    assert sorted(answer["answer"] for answer in ranked) == ["blue", "red"]
+    # Other tasks and other models are transformers' own business, untouched.
+    assert not isinstance(
+        transformers.pipeline("image-text-to-text", model=str(captioner_path)), BlipImageToTextPipeline
+    )
+
+
+ORDINARY_USE = """
+import json, logging, sys, warnings
+import transformers_blip
+from transformers import pipeline
+from transformers.utils import logging as transformers_logging
+from transformers_blip import BlipForConditionalGeneration, BlipForQuestionAnswering, BlipImageTextProcessor
+from transformers_blip.cli import main
+from PIL import Image
+
+transformers_logging.disable_progress_bar()  # progress is not a warning
+messages = []
+class Collect(logging.Handler):
+    def emit(self, record):
+        messages.append(f"{record.name}: {record.getMessage()}")
+for name in ("", "transformers", "transformers_blip"):
+    logging.getLogger(name).addHandler(Collect(level=logging.WARNING))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    captioner_dir, vqa_dir, image_path, folder, output = sys.argv[1:6]
+    model = BlipForConditionalGeneration.from_pretrained(captioner_dir)
+    processor = BlipImageTextProcessor.from_pretrained(captioner_dir)
+    inputs = processor(images=Image.open(image_path), return_tensors="pt")
+    model.generate(**inputs)
+    model.generate(**inputs, max_new_tokens=8)
+    model.generate(**inputs, max_new_tokens=3)
+    model.generate(**inputs, do_sample=True, top_p=0.9, max_new_tokens=8)
+    prompted = processor(images=Image.open(image_path), text="a picture of", return_tensors="pt")
+    model.generate(**prompted, max_new_tokens=8)
+    captioner = pipeline("image-to-text", model=captioner_dir)
+    captioner(image_path)
+    captioner(image_path, max_new_tokens=6)
+    vqa = pipeline("visual-question-answering", model=vqa_dir)
+    vqa(image=image_path, question="what is it?")
+    vqa(image=image_path, question="what is it?", max_new_tokens=4)
+    vqa(image=image_path, question="what is it?", candidates=["a cat", "a dog"])
+    BlipForQuestionAnswering.from_pretrained(vqa_dir)
+    status = main(["caption", folder, "--model", captioner_dir, "--output", output, "--quiet", "--num-workers", "0"])
+shown = [f"{w.category.__name__}: {w.message}" for w in caught
+         if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+print(json.dumps({"warnings": shown, "logged": messages, "status": status}))
+"""
+
+
+def test_ordinary_use_warns_of_nothing(saved_captioner, saved_vqa, tmp_path):
+    """What a new user runs (from_pretrained, generate with its usual options, both pipelines, blip caption), in a
+    fresh process: no warning and no logged message the user did nothing to cause."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index in range(2):
+        random_image(index).save(folder / f"img{index}.png")
+    arguments = [saved_captioner[1], saved_vqa[1], folder / "img0.png", folder, tmp_path / "captions.jsonl"]
+    result = subprocess.run(
+        [sys.executable, "-c", ORDINARY_USE, *map(str, arguments)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"warnings": [], "logged": [], "status": 0}
+    assert "blip caption: captioned 2 image(s)" in result.stdout

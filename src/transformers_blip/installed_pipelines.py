@@ -24,7 +24,6 @@ import transformers.pipelines
 from transformers import PretrainedConfig
 
 from .configuration_blip import BlipConfig
-from .modeling_blip import BlipPreTrainedModel
 from .pipelines import BlipImageToTextPipeline, BlipVisualQuestionAnsweringPipeline
 
 PIPELINE_CLASSES = {
@@ -36,10 +35,9 @@ _HUB_ARGUMENTS = ("revision", "token", "local_files_only", "cache_dir")
 
 
 def _is_ours(model: Any, config: Any, kwargs: dict) -> bool:
-    """Whether `pipeline(model=model, config=config)` names one of our models: an instance, our config, or the path
-    or hub id of a directory whose config is ours."""
-    if isinstance(model, BlipPreTrainedModel) or isinstance(config, BlipConfig):
-        return True
+    """Whether `pipeline(model=model, config=config)` names one of our models: the path or hub id of a directory
+    whose config is ours. (A model instance is left to transformers, which redirects `image-to-text` before any
+    config is read; such a caller builds `BlipImageToTextPipeline(model=..., processor=...)` directly.)"""
     source = config if isinstance(config, (str, os.PathLike)) else model
     if not isinstance(source, (str, os.PathLike)):
         return False
