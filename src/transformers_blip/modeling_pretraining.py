@@ -3,7 +3,8 @@
 `BlipContrastiveMatchingModel` is what pretraining and retrieval fine-tuning share (the original's `blip_pretrain.py`
 and `blip_retrieval.py` hold two copies of it): the online and momentum encoders, the queues, ITC and ITM. The two
 models differ in how ITM negatives are drawn (class attributes, below) and in what they add: `BlipForPreTraining` the
-decoder and its LM loss, `BlipForRetrievalTraining` (modeling_retrieval_training.py) nothing but the image-id rule.
+decoder and its LM loss, `BlipForRetrievalTraining` (modeling_retrieval_training.py) nothing: it only requires image
+ids.
 
 `BlipForPreTraining` holds the ViT, the MED text encoder, the image-grounded decoder, the projections and the ITM head,
 plus momentum ("_m") copies of the ViT, the text encoder and both projections and the queues of their features. The
@@ -183,6 +184,10 @@ class BlipContrastiveMatchingModel(_ItcMixin, BlipPreTrainedModel):
     negative_sampling_floor = NEGATIVE_SAMPLING_FLOOR
 
     def __init__(self, config: BlipConfig):
+        if self.negative_candidate_features not in ("momentum", "online"):
+            raise ValueError(
+                f"negative_candidate_features is 'momentum' or 'online', not {self.negative_candidate_features!r}"
+            )
         super().__init__(config)
         vision_width, text_width = config.vision_config.hidden_size, config.text_config.hidden_size
         self.vision_model = BlipVisionModel(config.vision_config)
