@@ -40,7 +40,13 @@ from ..evaluation import caption_scores
 from ..modeling_blip import BlipForConditionalGeneration
 from ..processing_blip import decode_captions
 from .collators import DecodingCollator, ImageTextCollator
-from .finetuning import BLIP_LABEL_SMOOTHING, BLIP_TEXT_DROPOUT, predict_in_shares, training_regularisation
+from .finetuning import (
+    BLIP_LABEL_SMOOTHING,
+    BLIP_TEXT_DROPOUT,
+    checkpoint_layout,
+    predict_in_shares,
+    training_regularisation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -335,7 +341,7 @@ def load_captioner(
             model = task_head_from_pretraining(BlipForConditionalGeneration, model_name_or_path, config=config)
             kind = "pretraining"
         else:
-            kind = "transformers" if config_dict.get("model_type") == "blip" else "ours"
+            kind = checkpoint_layout(model_name_or_path)
             # Its ViT position embeddings stay as saved; they are interpolated for other image sizes as it runs.
             model = BlipForConditionalGeneration.from_pretrained(model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path or model_name_or_path)
