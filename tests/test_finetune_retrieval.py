@@ -352,7 +352,8 @@ def test_every_kind_of_start_gives_the_retrieval_head(tmp_path):
     torch.manual_seed(0)
     head, tokenizer = BlipForImageTextRetrieval(heads_64_wide_config()), make_tokenizer()
     pretraining = BlipForPreTraining(heads_64_wide_config())
-    save_original_checkpoint(head, tmp_path / "retrieval.pth")
+    # As the original's retrieval checkpoints, with momentum weights and queues, which the head leaves out.
+    save_original_checkpoint(BlipForRetrievalTraining.from_retrieval_model(head), tmp_path / "retrieval.pth")
     for name, save in (
         ("ours", head.save_pretrained),
         ("transformers", lambda path: save_in_transformers_layout(head, path)),
