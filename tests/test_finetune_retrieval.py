@@ -451,3 +451,37 @@ def test_two_ranks_draw_negatives_from_both_batches_by_the_online_similarity(tmp
             assert floor == 0.0
         for name in ("negative_image_indices", "negative_text_indices"):
             assert not same_id[rows][torch.arange(RANK_SIZES[rank]), seen[name]].any()
+
+
+def test_the_script_trains_on_flickr30k_karpathy_files(tmp_path):
+    from conftest import random_image
+
+    from transformers_blip.data import stable_id
+
+    # BLIP's Flickr30K layout: training records one caption each, with the image id as a string; evaluation
+    # records each image once with its captions. One image is broken: training skips it and counts it.
+    (tmp_path / "images").mkdir()
+    for index in range(6):
+        random_image(index, (40, 40)).save(tmp_path / "images" / f"{index}.jpg")
+    (tmp_path / "images" / "broken.jpg").write_bytes(b"not a jpeg")
+    train = [
+        {"image": f"images/{index}.jpg", "caption": f"a red square number {index} {k}", "image_id": str(100 + index)}
+        for index in range(4)
+        for k in range(2)
+    ] + [{"image": "images/broken.jpg", "caption": "a broken picture", "image_id": "999"}]
+    captions = ["a blue circle", "a green triangle"]
+    evaluation = [{"image": f"images/{index}.jpg", "caption": captions} for index in (4, 5)]
+    for name, records in (("train", train), ("val", evaluation), ("test", evaluation)):
+        (tmp_path / f"flickr30k_{name}.json").write_text(json.dumps(records))
+    files = [f"--{name}_file={tmp_path / f'flickr30k_{name}.json'}" for name in ("train", "val", "test")]
+    arguments = ["--source", "coco_karpathy", "--image_root", str(tmp_path), *files, "--k_test", "2"]
+    options = ["--image_size", "32", "--num_train_epochs", "1", "--per_device_train_batch_size", "9"]
+    options += ["--vocab_size", "150", "--disable_tqdm", "true", "--dataloader_num_workers", "0"]
+    summary = load_script().main(["--output_dir", str(tmp_path / "run"), *arguments, *options])
+    assert set(summary["test"]) >= {"txt_r1", "img_r1", "r_mean"}
+    rankings = json.loads((tmp_path / "run" / "retrieval_result.json").read_text())
+    test_ids = [stable_id(f"images/{index}.jpg") for index in (4, 5)]  # no image_id in the file: the path's id
+    assert [entry["image_id"] for entry in rankings["image_to_text"]] == test_ids
+    assert [entry["caption"] for entry in rankings["texts"]] == captions * 2
+    skipped = [json.loads(line) for line in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
+    assert [entry["source"].endswith("broken.jpg") for entry in skipped] == [True]
