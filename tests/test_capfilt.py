@@ -30,6 +30,7 @@ from transformers_blip.capfilt import (
     dataset_shards,
     iter_scores,
     webdataset_shards,
+    write_report,
 )
 from transformers_blip.data import DecodeImages, capfilt_files, load_capfilt_output, read_capfilt_manifest
 from transformers_blip.training import load_pretraining_pairs
@@ -298,16 +299,19 @@ def test_broken_images_and_empty_captions_are_skipped_and_counted(tmp_path, capt
     rows = [good[0], broken, truncated, empty, missing, good[1]]
     features = Features({"image": ImageFeature(decode=False), "caption": Value("string"), "image_id": Value("int64")})
     dataset = Dataset.from_list(rows, features=features)
+    shards = dataset_shards(dataset, 4)
     summary = bootstrap(
-        dataset_shards(dataset, 4), captioner, processor, random_filter, processor, tmp_path / "out",
-        num_workers=1, progress=False,
-    )  # fmt: skip
+        shards, captioner, processor, random_filter, processor, tmp_path / "out", num_workers=1, progress=False
+    )
     reasons = sorted(entry["reason"] for entry in summary.skipped)
     assert reasons == ["empty_caption", "missing_file", "truncated_image", "unreadable_image"]
     assert summary.images == 2
     manifest = read_capfilt_manifest(tmp_path / "out")
     assert manifest["totals"]["skipped"] == 4 and manifest["totals"]["images"] == 2
     assert {s["key"] for s in iter_scores(tmp_path / "out")} == {"0", "1"}
+    page = write_report(tmp_path / "out", shards).read_text(encoding="utf-8")
+    assert "skipped: 1 empty_caption, 1 missing_file, 1 truncated_image, 1 unreadable_image" in page
+    assert f"{tmp_path / 'gone.png'}: missing_file" in page
 
 
 def test_pretraining_reads_the_output_as_its_training_pairs(reference_run):

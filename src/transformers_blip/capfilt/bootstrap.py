@@ -49,6 +49,7 @@ from ..data.streaming import expand_shards, load_webdataset
 from ..data.text import MAX_WORDS, pre_caption
 from ..losses import rank_and_world_size
 from ..modeling_blip import image_grounded_encoding
+from ..processing_blip import decode_captions
 
 logger = logging.getLogger(__name__)
 
@@ -314,8 +315,6 @@ def generate_captions(
 
 
 def _decode(tokenizer: Any, generated: torch.Tensor, prompt: str) -> list[str]:
-    from ..processing_blip import decode_captions
-
     return decode_captions(tokenizer, generated, prompt=prompt or None)
 
 
@@ -709,7 +708,7 @@ def bootstrap(
     rank, world_size = rank_and_world_size()
     record = _settings_record(settings, model_names or {})
     _check_or_write_settings(output_dir, record, is_main=rank == 0)
-    for model in (captioner, filter_model):
+    for model in (captioner, filter_model):  # moved and cast in place
         model.to(device=device, dtype=dtype).eval()
 
     summary = CapFiltSummary()
@@ -721,7 +720,10 @@ def bootstrap(
             todo.append(shard)
         else:
             summary.shards_resumed += 1
-    bar = tqdm(desc=f"CapFilt (rank {rank})" if world_size > 1 else "CapFilt", unit="img", disable=not progress)
+    # Rows to go, where the shards know theirs (a webdataset shard is counted as it is read).
+    total = sum(len(shard.dataset) for shard in todo) if all(s.dataset is not None for s in todo) else None
+    description = f"CapFilt (rank {rank})" if world_size > 1 else "CapFilt"
+    bar = tqdm(total=total, desc=description, unit="img", disable=not progress)
     counts = {"kept": 0, "scored": 0}
 
     def on_batch(images: int, kept: int, scored: int) -> None:

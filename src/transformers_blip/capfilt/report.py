@@ -150,9 +150,8 @@ def _summary_lines(manifest: dict[str, Any], quality: FilterQuality | None) -> l
         f"{settings['decoding']}" + (f" (top-p {settings['top_p']:g})" if settings["decoding"] == "nucleus" else "")
     )
     reasons: dict[str, int] = {}
-    for shard in manifest["shards"]:
-        for entry in shard["skipped"]:
-            reasons[entry["reason"]] = reasons.get(entry["reason"], 0) + 1
+    for entry in _skipped_entries(manifest):
+        reasons[entry["reason"]] = reasons.get(entry["reason"], 0) + 1
     skipped = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
     lines.append(f"skipped: {skipped or 'none'}")
     if quality is not None:
@@ -164,7 +163,16 @@ def _summary_lines(manifest: dict[str, Any], quality: FilterQuality | None) -> l
     return lines
 
 
-def _html_page(lines: list[str], samples: list[tuple[str, str, list[Mapping[str, Any]]]]) -> str:
+_SKIPS_LISTED = 50
+
+
+def _skipped_entries(manifest: dict[str, Any]) -> list[dict[str, str]]:
+    return [entry for shard in manifest["shards"] for entry in shard["skipped"]]
+
+
+def _html_page(
+    lines: list[str], samples: list[tuple[str, str, list[Mapping[str, Any]]]], skipped: list[dict[str, str]]
+) -> str:
     rows = []
     for key, image_file, texts in samples:
         captions = "".join(
@@ -175,6 +183,14 @@ def _html_page(lines: list[str], samples: list[tuple[str, str, list[Mapping[str,
         image = f'<img src="{image_file}" alt="{html.escape(key)}">' if image_file else "(image unavailable)"
         rows.append(f"<tr><td>{image}<br><small>{html.escape(key)}</small></td><td><ul>{captions}</ul></td></tr>")
     summary = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    skips = "".join(
+        f"<li>{html.escape(entry['source'])}: {html.escape(entry['reason'])}</li>" for entry in skipped[:_SKIPS_LISTED]
+    )
+    more = (
+        f"<p>and {len(skipped) - _SKIPS_LISTED} more (every shard-*.json lists its own)</p>"
+        if len(skipped) > _SKIPS_LISTED
+        else ""
+    )
     green, red = (f"rgb{colour}" for colour in (KEPT_COLOUR, REMOVED_COLOUR))
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>CapFilt report</title>
@@ -183,7 +199,8 @@ td{{vertical-align:top;padding:6px}} img{{image-rendering:pixelated}}</style></h
 <body><h1>CapFilt report</h1><ul>{summary}</ul>
 <h2>ITM match probabilities</h2><img src="histogram.png" alt="histogram of ITM match probabilities">
 <h2>Samples</h2><p><span class="kept">kept</span>, <span class="removed">removed</span></p>
-<table>{"".join(rows)}</table></body></html>
+<table>{"".join(rows)}</table>
+<h2>Skipped</h2><ul>{skips or "<li>nothing</li>"}</ul>{more}</body></html>
 """
 
 
@@ -267,7 +284,9 @@ def write_report(
     write_bytes_atomically(report_dir / "report.png", _png(_page_image(lines, histogram, page_samples)))
     summary = {"lines": lines, "filter_quality": quality.__dict__ if quality else None}
     write_text_atomically(report_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
-    return write_text_atomically(report_dir / "index.html", _html_page(lines, html_samples))
+    return write_text_atomically(
+        report_dir / "index.html", _html_page(lines, html_samples, _skipped_entries(manifest))
+    )
 
 
 __all__ = ["FilterQuality", "draw_histogram", "filter_quality", "write_report"]
