@@ -7,10 +7,11 @@ and carries this file beside its weights, so both tasks work again:
     pipeline("image-to-text", model=path, trust_remote_code=True)(image)
     pipeline("visual-question-answering", model=path, trust_remote_code=True)(image=image, question="...")
 
-With the package installed, pass `pipeline_class=BlipImageToTextPipeline` (or `BlipVisualQuestionAnsweringPipeline`)
-instead of trusting remote code. This file imports nothing from the package, so that it works where the package is
-not installed: it reaches the package's image decoder and caption decoding through the processor it is given
-(`processor.image_processor.load_image`, `processor.decode_captions`), which a saved model carries as source files.
+With the package installed and imported, `trust_remote_code` is not needed: `installed_pipelines.py` serves both
+tasks on our models with the classes below, from the installed package. This file imports nothing from the package,
+so that it works where the package is not installed: it reaches the package's image decoder and caption decoding
+through the processor it is given (`processor.image_processor.load_image`, `processor.decode_captions`), which a
+saved model carries as source files.
 """
 
 from __future__ import annotations
