@@ -46,6 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs `blip ARGV` (the process's arguments by default) and returns its exit status."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # from_pretrained's "Loading weights" bar too
     try:
         return args.run(args)
     except CommandError as error:
