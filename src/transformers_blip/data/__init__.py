@@ -7,6 +7,7 @@ more release.
 from .annotations import stable_id
 from .bootstrapped import capfilt_files, load_capfilt_output, read_capfilt_manifest
 from .decoding import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, decode_text, load_image, to_rgb
+from .hub_datasets import HUB_TASKS, HubDatasetArguments, load_hub_splits
 from .loaders import (
     load_caption_json,
     load_coco_karpathy,
@@ -39,6 +40,7 @@ __all__ = [
     "BLIP_IMAGE_STD",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MIN_SIDE",
+    "HUB_TASKS",
     "MAX_WORDS",
     "SKIP_REASONS",
     "BadFileError",
@@ -46,6 +48,7 @@ __all__ = [
     "BlipEvalTransform",
     "BlipTrainTransform",
     "DecodeImages",
+    "HubDatasetArguments",
     "RandAugment",
     "SkipReport",
     "SkippedSample",
@@ -59,6 +62,7 @@ __all__ = [
     "load_caption_json",
     "load_capfilt_output",
     "load_coco_karpathy",
+    "load_hub_splits",
     "load_image",
     "load_image_folder",
     "load_nlvr",
