@@ -204,6 +204,9 @@ def test_parquet_files_and_webdataset_shards_are_captioned_and_resumed(captioner
     assert main(args[:3] + args[4:] + ["--num-workers", "0"]) == 1  # the sample without an image, still
     assert sorted(record["image"] for record in read_jsonl(output)) == sorted(names)
     assert "captioned 4 image(s), 3 already done, 1 failed" in capsys.readouterr().out
+    wrong_column = ["caption", str(tmp_path / "rows.parquet"), "--model", str(captioner_dir), "--quiet"]
+    assert main(wrong_column + ["--output", str(tmp_path / "other.jsonl"), "--num-workers", "0"]) == 1
+    assert "no column 'image'; its columns: ['picture']" in capsys.readouterr().err
 
 
 def test_score_with_a_retrieval_model_records_the_itm_match_probability(captioner_dir, photos, tmp_path):

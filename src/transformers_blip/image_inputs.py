@@ -145,9 +145,10 @@ class DecodedImages(IterableDataset):
             if path not in self.skip:
                 yield self._decoded(path, path)
             return
+        is_parquet = path.lower().endswith(PARQUET_SUFFIXES)
+        images = _parquet_images(path, self.image_column) if is_parquet else _tar_images(path)
         try:
-            images = _parquet_images(path, self.image_column) if path.lower().endswith(PARQUET_SUFFIXES) else None
-            for name, source in images if images is not None else _tar_images(path):
+            for name, source in images:
                 if name in self.skip:
                     continue
                 if source is None:
