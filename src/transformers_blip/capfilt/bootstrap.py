@@ -123,23 +123,29 @@ class InputShard:
 
     name: str
     dataset: Dataset | None = None  # rows of a map-style dataset...
-    tar_path: str | None = None  # ...or one webdataset shard
+    first_row: int = 0  # ...the first of which is this row of the whole input,
+    tar_path: str | None = None  # or one webdataset shard
 
     def rows(self, report: SkipReport) -> list[dict[str, Any]]:
+        """The shard's rows, each with its `key`; what a webdataset shard loses as it is read goes to `report`."""
         if self.dataset is not None:
-            return [_with_key(row, f"{self.name}:{index}") for index, row in enumerate(self.dataset)]
+            return [_with_key(row, f"row{self.first_row + index}") for index, row in enumerate(self.dataset)]
         stream = load_webdataset([self.tar_path], report=report)
         return [_with_key(row, row["key"]) for row in stream]
 
 
+def _image_path(row: dict[str, Any]) -> str | None:
+    image = row.get("image")
+    return image.get("path") if isinstance(image, dict) else image if isinstance(image, str) else None
+
+
 def _with_key(row: dict[str, Any], fallback: str) -> dict[str, Any]:
-    """The row with a string `key`: its `key` or `image_id` column, else its image path, else `fallback`."""
+    """The row with a string `key`: its `key` or `image_id` column, else its image path, else `fallback` (its row
+    number in the whole input: the seeds then follow the input's order, still not the sharding)."""
     for name in _KEY_COLUMNS:
         if row.get(name) is not None:
             return {**row, "key": str(row[name])}
-    image = row.get("image")
-    path = image.get("path") if isinstance(image, dict) else image if isinstance(image, str) else None
-    return {**row, "key": path if path else fallback}
+    return {**row, "key": _image_path(row) or fallback}
 
 
 def dataset_shards(dataset: Dataset, shard_size: int = 1000) -> list[InputShard]:
@@ -152,7 +158,11 @@ def dataset_shards(dataset: Dataset, shard_size: int = 1000) -> list[InputShard]
             dataset = dataset.cast_column(name, ImageFeature(decode=False))
     starts = range(0, len(dataset), shard_size)
     return [
-        InputShard(f"{number:05d}", dataset=dataset.select(range(start, min(start + shard_size, len(dataset)))))
+        InputShard(
+            f"{number:05d}",
+            dataset=dataset.select(range(start, min(start + shard_size, len(dataset)))),
+            first_row=start,
+        )
         for number, start in enumerate(starts)
     ]
 
@@ -219,9 +229,8 @@ class _ShardImages(torch.utils.data.Dataset):
 
 
 def _source_of(row: dict[str, Any]) -> str:
-    image = row.get("image")
-    path = image.get("path") if isinstance(image, dict) else image if isinstance(image, str) else None
-    return path or row["key"]
+    """How skips name a row: its image's path, else its key."""
+    return _image_path(row) or row["key"]
 
 
 def _stacked(items: list[dict], model: str, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
