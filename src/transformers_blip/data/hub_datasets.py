@@ -414,4 +414,24 @@ def load_hub_splits(
     return result
 
 
-__all__ = ["HUB_TASKS", "HubDatasetArguments", "check_columns", "load_hub_splits"]
+def reads_hub_dataset(arguments: HubDatasetArguments, source: str, can_stream: bool = False) -> bool:
+    """Whether a run reads `--dataset_name` rather than its `--source`.
+
+    Raises a `ValueError` for flags that contradict each other: `--dataset_name` beside a `--source` other than the
+    default `synthetic`, `--streaming` without `--dataset_name`, or `--streaming` in a script that reads its training
+    split whole (`can_stream=False`: it counts epochs or builds a vocabulary from every caption first).
+    """
+    if not arguments.dataset_name:
+        if arguments.streaming:
+            raise ValueError("--streaming streams a --dataset_name; none was given")
+        return False
+    if source != "synthetic":
+        raise ValueError(f"--dataset_name replaces --source; give one of them, not both (--source {source})")
+    if arguments.streaming and not can_stream:
+        raise ValueError(
+            "this script reads its training split whole (epochs, a vocabulary from its text): drop --streaming"
+        )
+    return True
+
+
+__all__ = ["HUB_TASKS", "HubDatasetArguments", "check_columns", "load_hub_splits", "reads_hub_dataset"]

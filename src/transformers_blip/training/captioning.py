@@ -35,6 +35,7 @@ from ..atomic_writes import write_text_atomically
 from ..benchmark import build_synthetic_benchmark
 from ..configuration_blip import BlipConfig
 from ..data import DecodeImages, SkipReport, flatten_captions, load_coco_karpathy, pre_caption
+from ..data.hub_datasets import HubDatasetArguments, load_hub_splits
 from ..data.loaders import load_nocaps
 from ..evaluation import caption_scores
 from ..modeling_blip import BlipForConditionalGeneration
@@ -258,6 +259,7 @@ def load_caption_splits(
     synthetic_kwargs: dict[str, Any] | None = None,
     report: SkipReport | None = None,
     with_train: bool = True,
+    hub_arguments: HubDatasetArguments | None = None,
 ) -> tuple[Dataset | None, Dataset, Dataset]:
     """`(train, val, test)`: training pairs `{image, caption, image_id}` and evaluation images
     `{image, captions, image_id}` (`{image, image_id}` for NoCaps, which has no references to score with).
@@ -270,7 +272,11 @@ def load_caption_splits(
         image_root: where their relative image paths start.
         synthetic_kwargs: arguments of `build_synthetic_benchmark`.
         with_train: read the training split; `False` for a run that only evaluates (train is then `None`).
+        hub_arguments: the `datasets` dataset of `source="hub"` (`--dataset_name` and its columns).
     """
+    if source == "hub":
+        splits = load_hub_splits(hub_arguments, "caption", max_words, report, with_train)
+        return splits["train"], splits["validation"], splits["test"]
     if source == "synthetic":
         benchmark = build_synthetic_benchmark(
             **{"num_web": 1, "num_vqa": 3, "num_nlvr": 1, **(synthetic_kwargs or {})}

@@ -27,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from ..atomic_writes import write_text_atomically
 from ..benchmark import build_synthetic_benchmark
 from ..data import MAX_WORDS, BlipEvalTransform, DecodeImages, SkipReport, load_nlvr, mirror_pair
+from ..data.hub_datasets import HubDatasetArguments, load_hub_splits
 from ..evaluation.vqa_accuracy import nlvr_accuracy
 from .finetuning import predict_in_shares
 from .vqa import held_out_split
@@ -47,14 +48,20 @@ def load_nlvr_splits(
     synthetic_kwargs: dict[str, Any] | None = None,
     report: SkipReport | None = None,
     max_words: int = MAX_WORDS["nlvr"],
+    hub_arguments: HubDatasetArguments | None = None,
 ) -> dict[str, Dataset | None]:
     """`{"train", "validation", "test"}` of an NLVR2 run; validation is `None` when there is none.
 
     `source="synthetic"` reads the benchmark's `nlvr_train` and `nlvr_test`; `"nlvr_json"` BLIP's `nlvr_train.json`,
     `nlvr_dev.json` (validation) and `nlvr_test.json`. Without validation files, `validation_share` of the training
-    pairs are held out for validation (0: none). Statements of the JSON files keep `max_words` words.
+    pairs are held out for validation (0: none). Statements of the JSON files keep `max_words` words. `"hub"` reads
+    the `datasets` dataset of `hub_arguments` (`load_hub_splits`), held out of in the same way when it has no
+    validation split.
     """
-    if source == "synthetic":
+    if source == "hub":
+        splits = load_hub_splits(hub_arguments, "nlvr", max_words, report)
+        train, validation, test = splits["train"], splits["validation"], splits["test"]
+    elif source == "synthetic":
         empty = {"num_human": 0, "num_web": 0, "num_val": 0, "num_test": 0, "num_vqa": 1, "num_vqa_test": 1}
         benchmark = build_synthetic_benchmark(**{**empty, **(synthetic_kwargs or {})})
         train, validation, test = benchmark["nlvr_train"], None, benchmark["nlvr_test"]

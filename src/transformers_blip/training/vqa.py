@@ -35,6 +35,7 @@ from ..atomic_writes import write_text_atomically
 from ..benchmark import build_synthetic_benchmark
 from ..convert.pretraining import task_head_from_pretraining
 from ..data import MAX_WORDS, BlipEvalTransform, DecodeImages, SkipReport, load_vqa, vqa_answer_list
+from ..data.hub_datasets import HubDatasetArguments, load_hub_splits
 from ..evaluation.vqa_accuracy import vqa_accuracy
 from ..modeling_blip import BlipPreTrainedModel
 from ..processing_blip import text_config_token_kwargs
@@ -85,15 +86,20 @@ def load_vqa_splits(
     synthetic_kwargs: dict[str, Any] | None = None,
     report: SkipReport | None = None,
     max_words: int = MAX_WORDS["vqa"],
+    hub_arguments: HubDatasetArguments | None = None,
 ) -> dict[str, Dataset | None]:
     """`{"train", "validation", "test"}` of a VQA run; validation is `None` when there is none.
 
     `source="synthetic"` reads the benchmark's `vqa_train` and `vqa_test`; `"vqa_json"` reads BLIP's annotation
     files (`vqa_train.json`, `vqa_val.json`, `vg_qa.json`, ...; `vg_image_root` for the Visual Genome ones). Without
     validation files, `validation_share` of the training images are held out for validation (0: none). Questions
-    of the JSON files keep `max_words` words.
+    of the JSON files keep `max_words` words. `"hub"` reads the `datasets` dataset of `hub_arguments`
+    (`load_hub_splits`), held out of in the same way when it has no validation split.
     """
-    if source == "synthetic":
+    if source == "hub":
+        splits = load_hub_splits(hub_arguments, "vqa", max_words, report)
+        train, validation, test = splits["train"], splits["validation"], splits["test"]
+    elif source == "synthetic":
         benchmark = build_synthetic_benchmark(**_vqa_only(synthetic_kwargs or {}))
         train, validation, test = benchmark["vqa_train"], None, benchmark["vqa_test"]
     elif source == "vqa_json":
