@@ -221,19 +221,13 @@ class ImageIndex:
         if not self.paths:
             return []
         device, _ = _model_place(model)
-        tokens = processor.tokenizer(
-            [pre_caption(text, QUERY_MAX_WORDS)],
-            padding="longest",
-            truncation=True,
-            max_length=QUERY_MAX_TOKENS,
-            return_tensors="pt",
-        ).to(device)
+        tokens = _query_tokens(processor, [text], device)
         was_training = model.training
         model.eval()
         try:
             query = model.get_text_features(tokens["input_ids"], tokens["attention_mask"]).float().cpu()[0]
             top = self._top(query, k)
-            return self._itm_reranked(model, processor, tokens, top) if rerank else top
+            return self._itm_reranked(model, processor, text, top) if rerank else top
         finally:
             model.train(was_training)
 
@@ -262,8 +256,7 @@ class ImageIndex:
         scores, rows = (self.features @ query).topk(min(k, len(self.paths)))
         return [(self.paths[row], float(score)) for row, score in zip(rows.tolist(), scores)]
 
-    def _itm_reranked(self, model: Any, processor: Any, tokens: Any, top: list[tuple[str, float]]) -> list:
-        device, dtype = _model_place(model)
+    def _itm_reranked(self, model: Any, processor: Any, text: str, top: list[tuple[str, float]]) -> list:
         readable, pixels = [], []
         for path, _ in top:
             try:
@@ -275,14 +268,39 @@ class ImageIndex:
             pixels.append(processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0])
         if not readable:
             return []
-        image_embeds = model.vision_model(torch.stack(pixels).to(device=device, dtype=dtype)).last_hidden_state
-        count = len(readable)
-        logits, _ = model.itm_logits(
-            tokens["input_ids"].expand(count, -1), tokens["attention_mask"].expand(count, -1), image_embeds
-        )
-        match = logits.float().softmax(dim=-1)[:, 1].cpu()
+        match = itm_match_probabilities(model, processor, torch.stack(pixels), [text] * len(readable))
         order = match.argsort(descending=True).tolist()
         return [(readable[row], float(match[row])) for row in order]
+
+
+def _query_tokens(processor: Any, texts: Sequence[str], device: torch.device) -> Any:
+    """Texts cleaned and tokenized as BLIP's retrieval recipe does (30 words, 35 tokens)."""
+    cleaned = [pre_caption(text, QUERY_MAX_WORDS) for text in texts]
+    tokens = processor.tokenizer(
+        cleaned, padding="longest", truncation=True, max_length=QUERY_MAX_TOKENS, return_tensors="pt"
+    )
+    return tokens.to(device)
+
+
+@torch.inference_mode()
+def itm_match_probabilities(
+    model: Any, processor: Any, pixel_values: torch.Tensor, texts: Sequence[str]
+) -> torch.Tensor:
+    """The ITM head's match probability (softmax over its logits) of each text with its image, float32 on the CPU.
+
+    `texts` holds the same number of texts for every image of `pixel_values` (B, 3, H, W), grouped by image: B texts
+    pair one each, B * n pair n each.
+    """
+    if not hasattr(model, "itm_head"):
+        raise ValueError(f"{type(model).__name__} has no ITM head: use BlipForImageTextRetrieval")
+    if not pixel_values.shape[0] or len(texts) % pixel_values.shape[0]:
+        raise ValueError(f"{len(texts)} texts do not group evenly over {pixel_values.shape[0]} images")
+    device, dtype = _model_place(model)
+    tokens = _query_tokens(processor, texts, device)
+    image_embeds = model.vision_model(pixel_values.to(device=device, dtype=dtype)).last_hidden_state
+    image_embeds = image_embeds.repeat_interleave(len(texts) // pixel_values.shape[0], dim=0)
+    logits, _ = model.itm_logits(tokens["input_ids"], tokens["attention_mask"], image_embeds)
+    return logits.float().softmax(dim=-1)[:, 1].cpu()
 
 
 def _read_metadata(raw: bytes) -> dict[str, str]:
@@ -293,4 +311,4 @@ def _read_metadata(raw: bytes) -> dict[str, str]:
     return json.loads(raw[8 : 8 + header_length]).get("__metadata__") or {}
 
 
-__all__ = ["INDEX_FORMAT", "ImageIndex", "model_fingerprint"]
+__all__ = ["INDEX_FORMAT", "ImageIndex", "itm_match_probabilities", "model_fingerprint"]
