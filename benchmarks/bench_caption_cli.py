@@ -70,7 +70,7 @@ def save_models(root: Path, image_size: int) -> tuple[Path, Path]:
     processor = build_processor(tokenizer, image_size=image_size)
     processor.save_pretrained(ours)
     save_in_transformers_layout(model, theirs)
-    image_processor = transformers.BlipImageProcessor(**processor.image_processor.to_dict())
+    image_processor = transformers.BlipImageProcessorPil(**processor.image_processor.to_dict())
     transformers.BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(theirs)
     return ours, theirs
 
