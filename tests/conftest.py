@@ -81,3 +81,13 @@ def text_ids() -> torch.Tensor:
     """[CLS] w w w w w [SEP] for 3 texts, words drawn from the tiny vocabulary."""
     words = torch.randint(104, 126, (3, 5), generator=torch.Generator().manual_seed(1))
     return torch.cat([torch.full((3, 1), 101), words, torch.full((3, 1), 102)], dim=1)
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny(tmp_path_factory):
+    """A tiny BLIP pretrained on the synthetic benchmark by training_scripts/pretrain.py, once per test session
+    (about 5 minutes on 2 cores): the pretraining learning test checks it, the fine-tuning learning tests start
+    from it. The run directory: the model, its tokenizer, `trainer_state.json`, `held_out_results.json`."""
+    from learning_runs import pretrain_tiny
+
+    return pretrain_tiny(tmp_path_factory.mktemp("pretrained_tiny"))
