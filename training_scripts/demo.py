@@ -41,8 +41,14 @@ def pretrain(output_dir: str, max_steps: int) -> None:
         "--synthetic_num_web", "2000", "--synthetic_num_test", "100", "--max_steps", str(max_steps),
         "--per_device_train_batch_size", "16", "--learning_rate", "1e-3", "--lr_scheduler_type",
         "constant_with_warmup", "--warmup_steps", "50", "--adam_beta2", "0.98", "--min_crop_scale", "1.0",
-        "--randaugment", "false", "--logging_steps", "100", "--save_strategy", "no", "--use_cpu", "--seed", "0",
+        "--randaugment", "false", "--logging_steps", str(logging_steps(max_steps)), "--save_strategy", "no",
+        "--use_cpu", "--seed", "0",
     ])  # fmt: skip
+
+
+def logging_steps(max_steps: int) -> int:
+    """Every 100 steps (the learning test's means) or, for a short run, often enough to plot 20 points."""
+    return max(1, min(100, max_steps // 20))
 
 
 def fine_tune_vqa(pretrain_dir: str, output_dir: str, epochs: int) -> None:
