@@ -94,7 +94,7 @@ def _attribute_patterns() -> list[tuple[str, re.Pattern]]:
         for word in synonyms
     ]
     words.sort(key=lambda pair: -len(pair[1]))
-    return [(name, re.compile(rf"\b{re.escape(word)}s?\b")) for name, word in words]
+    return [(name, re.compile(rf"\b{re.escape(word)}(?:e?s)?\b")) for name, word in words]
 
 
 _ATTRIBUTES = _attribute_patterns()
