@@ -16,6 +16,8 @@ scratch; docs/finetuning.md has the paper's recipe on COCO.
     # evaluation only (the original's --evaluate): a COCO-fine-tuned captioner on NoCaps
     python training_scripts/finetune_caption.py --recipe nocaps --do_train false --model_name_or_path outputs/caption \
         --source nocaps --image_root /data/nocaps --val_file nocaps_val.json --test_file nocaps_test.json
+    # a datasets dataset in place of --source: a hub id, a folder in the hub's layout, or a save_to_disk folder
+    python training_scripts/finetune_caption.py --dataset_name my_captions --image_column image --caption_column text
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.utils import logging
 
 from transformers_blip import BlipForConditionalGeneration
-from transformers_blip.data import BlipEvalTransform, BlipTrainTransform, SkipReport
+from transformers_blip.data import BlipEvalTransform, BlipTrainTransform, HubDatasetArguments, SkipReport
+from transformers_blip.data.hub_datasets import reads_hub_dataset
 from transformers_blip.processing_blip import build_tokenizer, text_config_token_kwargs
 from transformers_blip.training import (
     MODEL_SIZES,
@@ -108,7 +111,14 @@ class CaptionArguments:
 
 def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser(
-        (ModelArguments, DataArguments, CaptionArguments, OptimizationArguments, TrainingArguments)
+        (
+            ModelArguments,
+            DataArguments,
+            HubDatasetArguments,
+            CaptionArguments,
+            OptimizationArguments,
+            TrainingArguments,
+        )
     )
     allow_resume_without_path(parser)
     # The tiny run's optimisation; `--recipe coco_caption` sets the original's. Validation CIDEr every epoch picks
@@ -128,7 +138,7 @@ def build_parser() -> HfArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
-    model_args, data_args, caption_args, optimization_args, training_args = parse_with_recipe(parser, argv)
+    model_args, data_args, hub_args, caption_args, optimization_args, training_args = parse_with_recipe(parser, argv)
     if training_args.remove_unused_columns:
         parser.error("--remove_unused_columns must stay False: Trainer would drop the image and caption columns")
     check_processes_train_together(training_args)
@@ -142,10 +152,11 @@ def main(argv: list[str] | None = None) -> dict:
     }  # fmt: skip
     with training_args.main_process_first(desc="building the dataset"):
         try:
+            source = "hub" if reads_hub_dataset(hub_args, data_args.source) else data_args.source
             train, val, test = load_caption_splits(
-                data_args.source, data_args.train_file, data_args.val_file, data_args.test_file,
-                data_args.image_root, caption_args.max_words, synthetic_kwargs, report=report,
-                with_train=training_args.do_train,
+                source, data_args.train_file, data_args.val_file, data_args.test_file, data_args.image_root,
+                caption_args.max_words, synthetic_kwargs, report=report, with_train=training_args.do_train,
+                hub_arguments=hub_args,
             )  # fmt: skip
         except (OSError, ValueError) as error:  # a missing or unreadable file, a wrong layout: named, no traceback
             raise SystemExit(f"error: {error}") from error

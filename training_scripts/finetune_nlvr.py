@@ -11,6 +11,8 @@ checkpoint is kept and classifies the test pairs: `nlvr_result.json`, `metrics.j
         --train_files nlvr_train.json --validation_files nlvr_dev.json --test_files nlvr_test.json \\
         --image_root /data/nlvr2 --pretraining_checkpoint outputs/pretrain --bf16
     accelerate launch --num_processes 8 training_scripts/finetune_nlvr.py --recipe nlvr2 ...
+    # a datasets dataset in place of --source; its pairs' columns by default left_image, right_image, sentence, label
+    python training_scripts/finetune_nlvr.py --dataset_name my_nlvr2 --label_column answer
 
 Again with --resume_from_checkpoint to go on from the newest complete checkpoint. `--do_train false` evaluates
 `--model_name_or_path` without training: validation accuracy where there is a validation split, the test pairs.
@@ -25,7 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import HfArgumentParser, IntervalStrategy, TrainingArguments
 
-from transformers_blip.data import BlipTrainTransform, SkipReport
+from transformers_blip.data import BlipTrainTransform, HubDatasetArguments, SkipReport
+from transformers_blip.data.hub_datasets import reads_hub_dataset
 from transformers_blip.evaluation.vqa_accuracy import nlvr_accuracy
 from transformers_blip.modeling_nlvr import BlipForVisualReasoning
 from transformers_blip.training import (
@@ -83,7 +86,9 @@ class DataArguments:
 
 
 def build_parser() -> HfArgumentParser:
-    parser = HfArgumentParser((ModelArguments, DataArguments, OptimizationArguments, TrainingArguments))
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, HubDatasetArguments, OptimizationArguments, TrainingArguments)
+    )
     allow_resume_without_path(parser)
     # The collator reads the image pair and statement columns, which the model's forward does not name.
     parser.set_defaults(
@@ -98,7 +103,7 @@ def build_parser() -> HfArgumentParser:
 
 def main(args: list[str] | None = None) -> dict:
     parser = build_parser()
-    model_args, data_args, optimization_args, training_args = parse_with_recipe(parser, args)
+    model_args, data_args, hub_args, optimization_args, training_args = parse_with_recipe(parser, args)
     check_processes_train_together(training_args)
     if not training_args.do_train and model_args.model_name_or_path is None:
         parser.error("evaluation only (--do_train false) needs the model to evaluate: --model_name_or_path")
@@ -107,10 +112,11 @@ def main(args: list[str] | None = None) -> dict:
     synthetic.update(num_nlvr=data_args.synthetic_num_nlvr, num_nlvr_test=data_args.synthetic_num_nlvr_test)
     try:
         with training_args.main_process_first(desc="building the dataset"):
+            source = "hub" if reads_hub_dataset(hub_args, data_args.source) else data_args.source
             splits = load_nlvr_splits(
-                data_args.source, data_args.train_files, data_args.validation_files, data_args.test_files,
+                source, data_args.train_files, data_args.validation_files, data_args.test_files,
                 data_args.image_root, data_args.validation_share, training_args.seed, synthetic, report,
-                model_args.max_words,
+                model_args.max_words, hub_arguments=hub_args,
             )  # fmt: skip
         model, tokenizer = start_task_model(
             BlipForVisualReasoning, model_args.image_size, model_args.model_size, model_args.model_name_or_path,

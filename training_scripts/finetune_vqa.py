@@ -12,6 +12,8 @@ the test questions: `vqa_result.json` (the evaluation server's format), `metrics
         --answer_list answer_list.json --image_root /data/coco --vg_image_root /data/vg \\
         --validation_share 0.01 --pretraining_checkpoint outputs/pretrain --bf16
     accelerate launch --num_processes 8 training_scripts/finetune_vqa.py --recipe vqa ...
+    # a datasets dataset in place of --source (a hub id, a folder in the hub's layout, a save_to_disk folder)
+    python training_scripts/finetune_vqa.py --dataset_name my_vqa --question_column question --answers_column answers
 
 Again with --resume_from_checkpoint to go on from the newest complete checkpoint. `--do_train false` evaluates
 `--model_name_or_path` without training: validation accuracy where there is a validation split, the test answers.
@@ -26,7 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import HfArgumentParser, IntervalStrategy, TrainingArguments
 
-from transformers_blip.data import BlipTrainTransform, DecodeImages, SkipReport
+from transformers_blip.data import BlipTrainTransform, DecodeImages, HubDatasetArguments, SkipReport
+from transformers_blip.data.hub_datasets import reads_hub_dataset
 from transformers_blip.modeling_blip import BlipForQuestionAnswering
 from transformers_blip.training import (
     BlipFineTuningTrainer,
@@ -105,7 +108,14 @@ class DataArguments:
 
 def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser(
-        (ModelArguments, InferenceArguments, DataArguments, OptimizationArguments, TrainingArguments)
+        (
+            ModelArguments,
+            InferenceArguments,
+            DataArguments,
+            HubDatasetArguments,
+            OptimizationArguments,
+            TrainingArguments,
+        )
     )
     allow_resume_without_path(parser)
     # The collator reads the image, question and answer columns, which the model's forward does not name.
@@ -121,7 +131,7 @@ def build_parser() -> HfArgumentParser:
 
 def main(args: list[str] | None = None) -> dict:
     parser = build_parser()
-    model_args, inference_args, data_args, optimization_args, training_args = parse_with_recipe(parser, args)
+    model_args, inference_args, data_args, hub_args, optimization_args, training_args = parse_with_recipe(parser, args)
     check_processes_train_together(training_args)
     if not training_args.do_train and model_args.model_name_or_path is None:
         parser.error("evaluation only (--do_train false) needs the model to evaluate: --model_name_or_path")
@@ -130,10 +140,11 @@ def main(args: list[str] | None = None) -> dict:
     synthetic.update(num_vqa=data_args.synthetic_num_vqa, num_vqa_test=data_args.synthetic_num_vqa_test)
     try:
         with training_args.main_process_first(desc="building the dataset"):
+            source = "hub" if reads_hub_dataset(hub_args, data_args.source) else data_args.source
             splits = load_vqa_splits(
-                data_args.source, data_args.train_files, data_args.validation_files, data_args.test_files,
+                source, data_args.train_files, data_args.validation_files, data_args.test_files,
                 data_args.image_root, data_args.vg_image_root, data_args.validation_share, training_args.seed,
-                synthetic, report, model_args.max_words,
+                synthetic, report, model_args.max_words, hub_arguments=hub_args,
             )  # fmt: skip
         candidates = candidate_answers(inference_args.answer_list, splits["train"])
         model, tokenizer = start_task_model(

@@ -167,7 +167,7 @@ def _task_columns(task: str, arguments: HubDatasetArguments, present: list[str])
             made += ("image_id",)
         return _TaskColumns(images, {"--question_column": arguments.question_column}, optional, made)
     texts = {"--caption_column": arguments.caption_column}
-    return _TaskColumns(images, texts, (arguments.image_id_column,), ("captions", "image_id"))
+    return _TaskColumns(images, texts, (arguments.image_id_column,), ("image_id", "captions"))
 
 
 # A row of the dataset (its text columns), its name in skip reports and its number -> the task's text columns,

@@ -1,0 +1,313 @@
+"""`datasets` datasets by name or path (`load_hub_splits`, `--dataset_name`): both on-disk layouts a name can point at
+(`save_to_disk` and the hub's parquet layout), images as `Image` features, paths or bytes decoded by the project's
+decoder, streaming, bad columns, splits and text, and the fine-tuning scripts end to end. Nothing here calls the hub:
+the datasets are built from the synthetic benchmark and saved under the test's directory."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_config, make_tokenizer
+from datasets import Dataset, DatasetDict, Features, Value
+from datasets import Image as ImageFeature
+from PIL import Image
+
+from transformers_blip.benchmark import build_synthetic_benchmark
+from transformers_blip.data import BadSampleError, HubDatasetArguments, SkipReport, load_hub_splits, load_image
+from transformers_blip.data.hub_datasets import reads_hub_dataset
+from transformers_blip.data.text import pre_caption
+from transformers_blip.modeling_blip import BlipForQuestionAnswering
+from transformers_blip.modeling_nlvr import BlipForVisualReasoning
+from transformers_blip.training.vqa import load_vqa_splits
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "training_scripts"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def benchmark() -> DatasetDict:
+    return build_synthetic_benchmark(
+        seed=0, image_size=32, num_human=4, num_web=1, num_val=2, num_test=2, num_vqa=12, num_vqa_test=6,
+        num_nlvr=8, num_nlvr_test=4, num_proc=1,
+    )  # fmt: skip
+
+
+def save_both_layouts(splits: DatasetDict, root: Path) -> dict[str, Path]:
+    """The dataset as `save_to_disk` writes it and in the hub's layout (`data/<split>-00000-of-00001.parquet`)."""
+    splits.save_to_disk(root / "saved")
+    (root / "hub" / "data").mkdir(parents=True)
+    for split, data in splits.items():
+        data.to_parquet(root / "hub" / "data" / f"{split}-00000-of-00001.parquet")
+    return {"saved": root / "saved", "hub": root / "hub"}
+
+
+@pytest.fixture(scope="session")
+def caption_dataset(benchmark, tmp_path_factory) -> dict[str, Path]:
+    """COCO-like names: `picture`, `sentences` (five per image), `cocoid`; train, validation and test."""
+    names = {"image": "picture", "captions": "sentences", "image_id": "cocoid"}
+    splits = DatasetDict(
+        {split: benchmark[source].rename_columns(names) for split, source in
+         (("train", "human"), ("validation", "val"), ("test", "test"))}
+    )  # fmt: skip
+    return save_both_layouts(splits, tmp_path_factory.mktemp("hub_captions"))
+
+
+@pytest.fixture(scope="session")
+def vqa_dataset(benchmark, tmp_path_factory) -> dict[str, Path]:
+    """VQA v2's layout on the hub: answers as `[{"answer", "answer_id"}]`, train and test only (no validation)."""
+
+    def vqa_v2(data: Dataset) -> Dataset:
+        answers = [[{"answer": a, "answer_id": i} for i, a in enumerate(row)] for row in data["answers"]]
+        data = data.select_columns(["image", "image_id", "question_id", "question"])
+        return data.add_column("answers", answers)
+
+    splits = DatasetDict({"train": vqa_v2(benchmark["vqa_train"]), "test": vqa_v2(benchmark["vqa_test"])})
+    return save_both_layouts(splits, tmp_path_factory.mktemp("hub_vqa"))
+
+
+@pytest.fixture(scope="session")
+def nlvr_dataset(benchmark, tmp_path_factory) -> dict[str, Path]:
+    """NLVR2 as hub copies name it: `left_image`, `right_image`, `sentence`, `label` as "True"/"False"."""
+
+    def pairs(data: Dataset) -> Dataset:
+        labels = ["True" if label else "False" for label in data["label"]]
+        data = data.select_columns(["image0", "image1", "sentence"])
+        data = data.rename_columns({"image0": "left_image", "image1": "right_image"})
+        return data.add_column("label", labels)
+
+    splits = DatasetDict({"train": pairs(benchmark["nlvr_train"]), "test": pairs(benchmark["nlvr_test"])})
+    return save_both_layouts(splits, tmp_path_factory.mktemp("hub_nlvr"))
+
+
+def caption_arguments(path: Path, tmp_path: Path, **overrides) -> HubDatasetArguments:
+    settings = {"image_column": "picture", "caption_column": "sentences", "image_id_column": "cocoid"}
+    return HubDatasetArguments(
+        dataset_name=str(path), dataset_cache_dir=str(tmp_path / "cache"), **{**settings, **overrides}
+    )
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(load_image(image))
+
+
+# ------------------------------------------------------------------------------------------------------ library
+@pytest.mark.parametrize("layout", ["saved", "hub"])
+def test_caption_splits_hold_the_datasets_pairs_and_images_in_the_collators_columns(
+    layout, benchmark, caption_dataset, tmp_path
+):
+    splits = load_hub_splits(caption_arguments(caption_dataset[layout], tmp_path), "caption")
+    human = benchmark["human"]
+    train = splits["train"]
+    assert train.column_names == ["image", "image_id", "caption"]
+    assert isinstance(train.features["image"], ImageFeature) and not train.features["image"].decode
+    expected = [
+        (image_id, pre_caption(c, 30)) for image_id, cs in zip(human["image_id"], human["captions"]) for c in cs
+    ]
+    assert list(zip(train["image_id"], train["caption"])) == expected
+    # The images are the dataset's own bytes, decoded by the project's decoder to the source's pixels.
+    first_of_each = {image_id: row for image_id, row in zip(train["image_id"], train)}
+    for image_id, source in zip(human["image_id"], human.cast_column("image", ImageFeature(decode=False))):
+        assert np.array_equal(pixels(first_of_each[image_id]["image"]), pixels(source["image"]))
+    for role, source in (("validation", "val"), ("test", "test")):
+        assert splits[role].column_names == ["image", "image_id", "captions"]
+        assert splits[role]["image_id"] == benchmark[source]["image_id"]
+        assert splits[role]["captions"] == [[pre_caption(c, 30) for c in cs] for cs in benchmark[source]["captions"]]
+
+
+def test_the_image_column_may_hold_paths_or_bytes(tmp_path):
+    colours = ["red", "blue", "green"]
+    encoded, paths = [], []
+    for index, colour in enumerate(colours):
+        buffer = io.BytesIO()
+        Image.new("RGB", (12, 10), colour).save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+        paths.append(str(tmp_path / f"{index}.png"))
+        Path(paths[-1]).write_bytes(encoded[-1])
+    texts = [f"a {colour} picture" for colour in colours]
+    for name, images, feature in (("paths", paths, Value("string")), ("bytes", encoded, Value("binary"))):
+        data = Dataset.from_dict(
+            {"img": images, "text": texts}, features=Features({"img": feature, "text": Value("string")})
+        )
+        DatasetDict({"train": data}).save_to_disk(tmp_path / name)
+        arguments = HubDatasetArguments(dataset_name=str(tmp_path / name), image_column="img", caption_column="text")
+        train = load_hub_splits(arguments, "pretrain")["train"]
+        assert train["caption"] == texts and train["image_id"] == [0, 1, 2]  # ids: the row's number
+        decoded = [load_image(row["image"]) for row in train]
+        assert [image.getpixel((0, 0)) for image in decoded] == [(255, 0, 0), (0, 0, 255), (0, 128, 0)]
+
+
+@pytest.mark.parametrize("layout", ["saved", "hub"])
+def test_a_streamed_training_split_gives_the_pairs_of_the_whole_one(layout, caption_dataset, tmp_path):
+    whole = load_hub_splits(caption_arguments(caption_dataset[layout], tmp_path), "pretrain")["train"]
+    streamed = load_hub_splits(caption_arguments(caption_dataset[layout], tmp_path, streaming=True), "pretrain")
+    assert streamed["validation"] is None and streamed["test"] is None  # pretraining reads train alone
+    rows = list(streamed["train"])
+    assert [(row["image_id"], row["caption"]) for row in rows] == list(zip(whole["image_id"], whole["caption"]))
+    assert all(
+        np.array_equal(pixels(a["image"]), pixels(b["image"]))
+        for a, b in zip(rows[::5], whole.select(range(0, 20, 5)))
+    )
+
+
+def test_a_column_or_split_the_dataset_lacks_is_named_with_those_it_has(caption_dataset, nlvr_dataset, tmp_path):
+    path = caption_dataset["saved"]
+    with pytest.raises(
+        ValueError, match=r"no column 'photo' \(--image_column\); its columns: picture, cocoid, sentences"
+    ):
+        load_hub_splits(caption_arguments(path, tmp_path, image_column="photo"), "caption")
+    with pytest.raises(ValueError, match=r"no column 'caption' \(--caption_column\)"):
+        load_hub_splits(caption_arguments(path, tmp_path, caption_column="caption"), "caption")
+    with pytest.raises(ValueError, match=r"no split 'dev' \(--eval_split\); its splits: train, validation, test"):
+        load_hub_splits(caption_arguments(path, tmp_path, eval_split="dev"), "caption")
+    with pytest.raises(ValueError, match=r"no column 'left' \(--left_image_column\); its columns: left_image"):
+        load_hub_splits(HubDatasetArguments(dataset_name=str(nlvr_dataset["hub"]), left_image_column="left",
+                                            dataset_cache_dir=str(tmp_path / "cache")), "nlvr")  # fmt: skip
+    with pytest.raises(ValueError, match="unknown task 'ocr'"):
+        load_hub_splits(caption_arguments(path, tmp_path), "ocr")
+
+
+def test_unusable_text_skips_its_row_counted_or_raises_in_strict_mode(tmp_path):
+    image = {"bytes": None, "path": "unused.png"}  # never decoded here: only the text is read
+    pairs = Dataset.from_dict(
+        {"image": [image] * 3, "left_image": [image] * 3, "right_image": [image] * 3,
+         "caption": ["a red square", "...", "a blue circle"], "sentence": ["both are red", "one is blue", "!!"],
+         "label": ["True", "maybe", "false"]},
+    )  # fmt: skip
+    DatasetDict({"train": pairs, "test": pairs}).save_to_disk(tmp_path / "pairs")
+    arguments = HubDatasetArguments(dataset_name=str(tmp_path / "pairs"))
+    report = SkipReport()
+    train = load_hub_splits(arguments, "pretrain", report=report)["train"]
+    assert train["caption"] == ["a red square", "a blue circle"] and train["image_id"] == [0, 2]
+    nlvr = load_hub_splits(arguments, "nlvr", report=report)
+    assert nlvr["validation"] is None  # no validation split: the script holds a share of train out
+    assert nlvr["train"]["sentence"] == ["both are red"] and nlvr["train"]["label"] == [1]
+    # Twice the caption (the row and its one text), and per NLVR2 split a bad label and an empty statement.
+    assert report.counts() == {"empty_caption": 4, "missing_field": 2}
+    with pytest.raises(BadSampleError, match="empty_caption"):
+        load_hub_splits(arguments, "pretrain", report=SkipReport(strict=True))
+
+
+@pytest.mark.parametrize("layout", ["saved", "hub"])
+def test_vqa_answers_of_any_layout_become_blips_weighted_targets(layout, benchmark, vqa_dataset, tmp_path):
+    arguments = HubDatasetArguments(dataset_name=str(vqa_dataset[layout]), dataset_cache_dir=str(tmp_path / "c"))
+    splits = load_hub_splits(arguments, "vqa")
+    source = benchmark["vqa_train"]
+    train = splits["train"]
+    assert splits["validation"] is None
+    assert train["answers"] == source["answers"] and train["question_id"] == source["question_id"]
+    assert train["unique_answers"] == source["unique_answers"]
+    assert np.allclose(np.concatenate(train["answer_weights"]), np.concatenate(source["answer_weights"]))
+    assert train["image_id"] == source["image_id"]
+    # Without an answers column (test questions), every question has none; the script then reports no accuracy.
+    arguments.answers_column = "no_such_column"
+    assert all(answers == [] for answers in load_hub_splits(arguments, "vqa")["test"]["answers"])
+    # The VQA loader holds validation questions out of train, whole images at a time, as for the JSON files.
+    held = load_vqa_splits(
+        "hub", validation_share=0.25, hub_arguments=HubDatasetArguments(dataset_name=str(vqa_dataset["saved"]))
+    )
+    assert not set(held["train"]["image_id"]) & set(held["validation"]["image_id"])
+    assert len(held["train"]) + len(held["validation"]) == len(source)
+
+
+def test_evaluation_rows_of_one_caption_each_are_grouped_by_image(tmp_path):
+    image = {"bytes": None, "path": "unused.png"}
+    rows = Dataset.from_dict({"image": [image] * 4, "caption": ["a", "b", "c", "d"], "image_id": [7, 9, 7, 7]})
+    DatasetDict({"train": rows, "validation": rows, "test": rows}).save_to_disk(tmp_path / "coco")
+    splits = load_hub_splits(HubDatasetArguments(dataset_name=str(tmp_path / "coco")), "caption")
+    assert splits["train"]["caption"] == ["a", "b", "c", "d"]
+    assert splits["test"]["image_id"] == [7, 9] and splits["test"]["captions"] == [["a", "c", "d"], ["b"]]
+
+
+def test_flags_that_contradict_each_other_are_refused():
+    assert not reads_hub_dataset(HubDatasetArguments(), "coco_karpathy")
+    assert reads_hub_dataset(HubDatasetArguments(dataset_name="x"), "synthetic")
+    with pytest.raises(ValueError, match="replaces --source"):
+        reads_hub_dataset(HubDatasetArguments(dataset_name="x"), "coco_karpathy")
+    with pytest.raises(ValueError, match="none was given"):
+        reads_hub_dataset(HubDatasetArguments(streaming=True), "synthetic")
+    with pytest.raises(ValueError, match="drop --streaming"):
+        reads_hub_dataset(HubDatasetArguments(dataset_name="x", streaming=True), "synthetic")
+    assert reads_hub_dataset(HubDatasetArguments(dataset_name="x", streaming=True), "synthetic", can_stream=True)
+
+
+# ------------------------------------------------------------------------------------------------------ scripts
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its argument dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+SHORT_RUN = [
+    "--image_size", "32", "--max_steps", "2", "--num_train_epochs", "1", "--learning_rate", "1e-3",
+    "--disable_tqdm", "true", "--dataloader_num_workers", "0", "--save_strategy", "no", "--eval_strategy", "no",
+    "--load_best_model_at_end", "false",
+]  # fmt: skip
+
+
+def saved_model(model_class, root: Path) -> Path:
+    torch.manual_seed(0)
+    model_class(make_config()).save_pretrained(root)
+    make_tokenizer().save_pretrained(root)
+    return root
+
+
+def test_finetune_caption_trains_and_evaluates_on_a_saved_dataset(benchmark, caption_dataset, tmp_path):
+    output = tmp_path / "run"
+    load_script("finetune_caption").main([
+        "--output_dir", str(output), "--dataset_name", str(caption_dataset["saved"]), "--image_column", "picture",
+        "--caption_column", "sentences", "--image_id_column", "cocoid", *SHORT_RUN,
+        "--per_device_train_batch_size", "4", "--vocab_size", "200", "--max_length", "8",
+    ])  # fmt: skip
+    results = json.loads((output / "test_results.json").read_text())
+    assert sorted(entry["image_id"] for entry in results) == sorted(benchmark["test"]["image_id"])
+    assert "CIDEr" in json.loads((output / "metrics.json").read_text())["test"]
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    with pytest.raises(SystemExit, match="replaces --source"):
+        load_script("finetune_caption").main(
+            ["--output_dir", str(tmp_path / "x"), "--dataset_name", "x", "--source", "coco_karpathy", *SHORT_RUN]
+        )
+
+
+def test_finetune_vqa_holds_validation_out_of_a_hub_layout_dataset(benchmark, vqa_dataset, tmp_path):
+    output = tmp_path / "run"
+    model = saved_model(BlipForQuestionAnswering, tmp_path / "model")
+    metrics = load_script("finetune_vqa").main([
+        "--output_dir", str(output), "--model_name_or_path", str(model), "--dataset_name", str(vqa_dataset["hub"]),
+        "--dataset_cache_dir", str(tmp_path / "cache"), "--validation_share", "0.25", "--k_test", "4",
+        "--per_device_train_batch_size", "4", *SHORT_RUN,
+    ])  # fmt: skip
+    answered = json.loads((output / "vqa_result.json").read_text())
+    assert sorted(entry["question_id"] for entry in answered) == sorted(benchmark["vqa_test"]["question_id"])
+    assert metrics["test_questions"] == 6 and 0.0 <= metrics["test_accuracy"] <= 100.0
+
+
+def test_finetune_nlvr_reads_pairs_with_text_labels(benchmark, nlvr_dataset, tmp_path):
+    output = tmp_path / "run"
+    model = saved_model(BlipForVisualReasoning, tmp_path / "model")
+    metrics = load_script("finetune_nlvr").main([
+        "--output_dir", str(output), "--model_name_or_path", str(model), "--dataset_name", str(nlvr_dataset["saved"]),
+        "--validation_share", "0.25", "--per_device_train_batch_size", "3", *SHORT_RUN,
+    ])  # fmt: skip
+    assert metrics["test_pairs"] == len(benchmark["nlvr_test"]) and 0.0 <= metrics["test_accuracy"] <= 100.0
+    # The text labels arrive as the 0/1 the accuracy compares with.
+    results = json.loads((output / "nlvr_result.json").read_text())
+    assert [entry["label"] for entry in results] == benchmark["nlvr_test"]["label"]
