@@ -255,16 +255,25 @@ def caption_seed(seed: int, key: str, caption_index: int) -> int:
 
 class GumbelSampling(LogitsProcessor):
     """Adds Gumbel noise from one generator per row, so that the argmax (greedy search) is a sample of the softmax
-    of the (already filtered) logits, each row's draws its own whatever batch it is in."""
+    of the (already filtered) logits, each row's draws its own whatever batch it is in.
 
-    def __init__(self, generators: Sequence[torch.Generator]):
-        self.generators = list(generators)
+    The generators live on the logits' device (seeded from `seeds` at the first step), so a GPU run draws there
+    instead of copying the noise over at every step; a CPU run and a GPU run therefore sample differently.
+    """
+
+    def __init__(self, seeds: Sequence[int]):
+        self.seeds = list(seeds)
+        self.generators: list[torch.Generator] | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        vocab_size = scores.shape[-1]
-        uniform = torch.stack([torch.rand(vocab_size, generator=g, dtype=torch.float64) for g in self.generators])
+        device, vocab_size = scores.device, scores.shape[-1]
+        if self.generators is None:
+            self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in self.seeds]
+        uniform = torch.stack(
+            [torch.rand(vocab_size, generator=g, dtype=torch.float64, device=device) for g in self.generators]
+        )
         gumbel = -torch.log(-torch.log(uniform.clamp(1e-300, 1.0)))  # (R, V)
-        return scores.float() + gumbel.to(device=scores.device, dtype=torch.float32)
+        return scores.float() + gumbel.float()
 
 
 def _prompt_ids(tokenizer: Any, prompt: str, batch_size: int, device: torch.device) -> torch.Tensor | None:
@@ -299,11 +308,7 @@ def generate_captions(
         image_key_values = captioner.text_decoder.bert.image_key_values(image_embeds)
         prompt_ids = _prompt_ids(tokenizer, prompt, len(keys) * count, pixel_values.device)
         input_ids, attention_mask = captioner._decoder_prompt(len(keys) * count, prompt_ids, None, image_embeds.device)
-        generators = [
-            torch.Generator().manual_seed(caption_seed(settings.seed, key, index))
-            for key in keys
-            for index in range(count)
-        ]
+        seeds = [caption_seed(settings.seed, key, index) for key in keys for index in range(count)]
         processors = [TopPLogitsWarper(settings.top_p)]
         if settings.top_k:
             processors.insert(0, TopKLogitsWarper(settings.top_k))
@@ -317,7 +322,7 @@ def generate_captions(
             attention_mask=attention_mask,
             image_key_values=image_key_values,
             generation_config=generation_config,
-            logits_processor=LogitsProcessorList([*processors, GumbelSampling(generators)]),
+            logits_processor=LogitsProcessorList([*processors, GumbelSampling(seeds)]),
         )
     captions = _decode(tokenizer, generated, prompt)
     return [captions[index * count : (index + 1) * count] for index in range(len(keys))]
