@@ -311,3 +311,23 @@ def test_finetune_nlvr_reads_pairs_with_text_labels(benchmark, nlvr_dataset, tmp
     # The text labels arrive as the 0/1 the accuracy compares with.
     results = json.loads((output / "nlvr_result.json").read_text())
     assert [entry["label"] for entry in results] == benchmark["nlvr_test"]["label"]
+
+
+def test_pretrain_streams_a_hub_layout_dataset(caption_dataset, tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("pretrain_script", SCRIPTS / "pretrain.py")
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, script)  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(script)
+    output = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", [
+        "pretrain.py", "--output_dir", str(output), "--dataset_name", str(caption_dataset["hub"]), "--streaming",
+        "--dataset_cache_dir", str(tmp_path / "cache"), "--image_column", "picture", "--caption_column", "sentences",
+        "--image_id_column", "cocoid", "--use_image_ids", "--image_size", "32", "--vocab_size", "200",
+        "--max_steps", "2", "--per_device_train_batch_size", "4", "--save_strategy", "no", "--disable_tqdm", "true",
+        "--use_cpu", "--report_to", "none", "--logging_steps", "1",
+    ])  # fmt: skip
+    script.main()
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    losses = [entry for entry in state["log_history"] if "loss" in entry]
+    assert losses and all(np.isfinite(entry["loss"]) for entry in losses)

@@ -10,6 +10,8 @@ retrieval recall at the end. docs/pretraining.md has the paper's recipe for real
         --source caption_json --train_files coco.json vg.json cc3m.json --image_root /data --bf16
     # the same under accelerate (add --config_file for FSDP or DeepSpeed, --num_machines/--machine_rank for nodes)
     accelerate launch --num_processes 8 training_scripts/pretrain.py --model_size base --image_size 224 ...
+    # a datasets dataset in place of --source, streamed (a hub id, a folder in the hub's layout, a save_to_disk one)
+    python training_scripts/pretrain.py --dataset_name my_pairs --caption_column text --streaming --max_steps 100000
     # the paper's recipe, from DeiT and BERT (every value of the preset can still be overridden)
     torchrun --nproc_per_node 8 training_scripts/pretrain.py --recipe pretrain_base \
         --vision_model_name_or_path facebook/deit-base-patch16-224 --text_model_name_or_path bert-base-uncased ...
@@ -32,7 +34,8 @@ from transformers_blip.convert.pretrained_encoders import (
     blip_tokenizer_for,
     load_pretrained_encoders,
 )
-from transformers_blip.data import BlipEvalTransform, BlipTrainTransform, DecodeImages, SkipReport
+from transformers_blip.data import BlipEvalTransform, BlipTrainTransform, DecodeImages, HubDatasetArguments, SkipReport
+from transformers_blip.data.hub_datasets import reads_hub_dataset
 from transformers_blip.evaluation import itc_retrieval_recall
 from transformers_blip.modeling_pretraining import BlipForPreTraining
 from transformers_blip.processing_blip import build_tokenizer, text_config_token_kwargs
@@ -137,7 +140,9 @@ class DataArguments:
 
 
 def build_parser() -> HfArgumentParser:
-    parser = HfArgumentParser((ModelArguments, DataArguments, OptimizationArguments, TrainingArguments))
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, HubDatasetArguments, OptimizationArguments, TrainingArguments)
+    )
     allow_resume_without_path(parser)
     # The tiny run's optimisation: BLIP's peak rate and weight decay under Trainer's AdamW and cosine schedule, which
     # let the tiny model learn in a thousand steps; `--recipe pretrain_base` sets the original's schedule, decay of
@@ -155,7 +160,7 @@ def build_parser() -> HfArgumentParser:
 
 def main() -> None:
     parser = build_parser()
-    model_args, data_args, optimization_args, training_args = parse_with_recipe(parser)
+    model_args, data_args, hub_args, optimization_args, training_args = parse_with_recipe(parser)
     if training_args.remove_unused_columns:
         parser.error("--remove_unused_columns must stay False: Trainer would drop the image and caption columns")
     check_processes_train_together(training_args)
@@ -168,14 +173,19 @@ def main() -> None:
     synthetic_kwargs["image_size"] = model_args.image_size
     # One report for the run: records lost while loading, shards that break while streaming, images that do not decode.
     skip_report = SkipReport(log_dir=os.path.join(training_args.output_dir, "skipped"), strict=data_args.strict_data)
+    try:
+        source = "hub" if reads_hub_dataset(hub_args, data_args.source, can_stream=True) else data_args.source
+    except ValueError as error:
+        parser.error(str(error))
     with training_args.main_process_first(desc="building the dataset"):
         train_dataset, held_out = load_pretraining_pairs(
-            data_args.source,
+            source,
             data_args.train_files,
             data_args.image_root,
             synthetic_kwargs,
             report=skip_report,
             count_load_skips=training_args.process_index == 0,
+            hub_arguments=hub_args,
         )
     columns = train_dataset.column_names  # None for a stream whose first example is not read yet
     if model_args.use_image_ids and columns is not None and "image_id" not in columns:

@@ -17,6 +17,7 @@ from ..data import (
     load_parquet,
     load_webdataset,
 )
+from ..data.hub_datasets import HubDatasetArguments, load_hub_splits
 
 PAIR_COLUMNS = ["image", "caption", "image_id"]
 
@@ -45,14 +46,16 @@ def load_pretraining_pairs(
     synthetic_kwargs: dict[str, Any] | None = None,
     report: SkipReport | None = None,
     count_load_skips: bool = True,
+    hub_arguments: HubDatasetArguments | None = None,
 ) -> tuple[Dataset | IterableDataset, Dataset | None]:
     """Image-text pairs to pretrain on and, for the synthetic benchmark, held-out images with their captions.
 
     Args:
         source: `"synthetic"` (the "human" split, one row per caption, followed by the noisy "web" split; held out:
             the "test" split), `"coco_karpathy"` (training annotation files), `"caption_json"` (BLIP's pretraining
-            lists), `"image_folder"` (a folder with `metadata.jsonl`), `"parquet"`, or `"webdataset"` (tar shards,
-            streamed: give `max_steps`).
+            lists), `"image_folder"` (a folder with `metadata.jsonl`), `"parquet"`, `"webdataset"` (tar shards,
+            streamed: give `max_steps`), or `"hub"` (the `datasets` dataset of `hub_arguments`, its training split,
+            streamed with `hub_arguments.streaming`).
         files: the annotation files, folder, parquet files or shards of a real source.
         image_root: where the relative image paths of the JSON formats start.
         synthetic_kwargs: arguments of `build_synthetic_benchmark` (its VQA, NLVR2 and validation splits are kept
@@ -62,6 +65,7 @@ def load_pretraining_pairs(
             report itself as it is read. A strict report stops at the first bad record.
         count_load_skips: `False` on every process but the main one: each process reads the same files and would
             count their losses once more (strict mode still raises everywhere).
+        hub_arguments: `--dataset_name` and its columns, for `source="hub"`.
 
     Returns:
         `(train, held_out)`. `train` has `image`, `caption` and, where the source has them, `image_id`. A source
@@ -74,19 +78,35 @@ def load_pretraining_pairs(
         human = flatten_captions(benchmark["human"]).select_columns(PAIR_COLUMNS)
         web = benchmark["web"].select_columns(PAIR_COLUMNS)
         return concatenate_datasets([human, web]), benchmark["test"]
-    if source != "webdataset" and source not in _FILE_LOADERS:
-        raise ValueError(f"unknown source {source!r}; choose synthetic, webdataset or one of {sorted(_FILE_LOADERS)}")
-    if not files:
-        raise ValueError(f"the {source!r} source needs files (annotation files, a folder, parquet files or shards)")
     report = report if report is not None else SkipReport()
-    if source == "webdataset":  # read as it streams, each shard by one process: every process counts its own
-        return load_webdataset(files, report=report), None
+    if source == "hub" and hub_arguments.streaming:  # cleaned as it streams: each process counts what it reads
+        return load_hub_splits(hub_arguments, "pretrain", report=report)["train"], None
+    if source == "hub":
+
+        def read(load_report: SkipReport) -> Dataset:
+            return load_hub_splits(hub_arguments, "pretrain", report=load_report)["train"]
+
+    else:
+        if source != "webdataset" and source not in _FILE_LOADERS:
+            raise ValueError(
+                f"unknown source {source!r}; choose synthetic, webdataset, hub or one of {sorted(_FILE_LOADERS)}"
+            )
+        if not files:
+            raise ValueError(
+                f"the {source!r} source needs files (annotation files, a folder, parquet files or shards)"
+            )
+        if source == "webdataset":  # read as it streams, each shard by one process: every process counts its own
+            return load_webdataset(files, report=report), None
+
+        def read(load_report: SkipReport) -> Dataset:
+            return _read_files(source, files, image_root, load_report)
+
     load_report = report.part("loading")
     if not count_load_skips:
         with load_report.not_counting():
-            return _read_files(source, files, image_root, load_report), None
+            return read(load_report), None
     load_report.clear()
-    return _read_files(source, files, image_root, load_report), None
+    return read(load_report), None
 
 
 def _read_files(source: str, files: Sequence[str], image_root: str | None, report: SkipReport) -> Dataset:
