@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_generation.py
 	$(PY) benchmarks/bench_retrieval_eval.py --images 200 --texts 1000
 	$(PY) benchmarks/bench_capfilt.py --images 4
+	$(PY) benchmarks/bench_caption_cli.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src training_scripts tests benchmarks
