@@ -331,3 +331,14 @@ def test_pretrain_streams_a_hub_layout_dataset(caption_dataset, tmp_path, monkey
     assert state["global_step"] == 2
     losses = [entry for entry in state["log_history"] if "loss" in entry]
     assert losses and all(np.isfinite(entry["loss"]) for entry in losses)
+
+
+def test_finetune_retrieval_ranks_the_test_images_of_a_saved_dataset(benchmark, caption_dataset, tmp_path):
+    output = tmp_path / "run"
+    metrics = load_script("finetune_retrieval").main([
+        "--output_dir", str(output), "--dataset_name", str(caption_dataset["saved"]), "--image_column", "picture",
+        "--caption_column", "sentences", "--image_id_column", "cocoid", *SHORT_RUN,
+        "--per_device_train_batch_size", "4", "--vocab_size", "200", "--queue_size", "8", "--k_test", "2",
+    ])  # fmt: skip
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 2
+    assert 0.0 <= metrics["test"]["r_mean"] <= 100.0

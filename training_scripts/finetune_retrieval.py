@@ -19,6 +19,8 @@ recipes on COCO and Flickr30K.
     python training_scripts/finetune_retrieval.py --recipe flickr_retrieval --do_train false \
         --model_name_or_path outputs/retrieval_coco --source coco_karpathy --image_root /data/flickr30k \
         --val_file flickr30k_val.json --test_file flickr30k_test.json
+    # a datasets dataset in place of --source (a hub id, a folder in the hub's layout, a save_to_disk folder)
+    python training_scripts/finetune_retrieval.py --dataset_name my_flickr --caption_column text
 
 Under gradient accumulation ITC still contrasts each micro-batch with its own keys and the queue, which is what keeps
 its negatives many.
@@ -33,7 +35,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
-from transformers_blip.data import BlipTrainTransform, SkipReport
+from transformers_blip.data import BlipTrainTransform, HubDatasetArguments, SkipReport
+from transformers_blip.data.hub_datasets import reads_hub_dataset
 from transformers_blip.processing_blip import build_processor
 from transformers_blip.training import (
     MODEL_SIZES,
@@ -111,7 +114,14 @@ class RetrievalArguments:
 
 def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser(
-        (ModelArguments, DataArguments, RetrievalArguments, OptimizationArguments, TrainingArguments)
+        (
+            ModelArguments,
+            DataArguments,
+            HubDatasetArguments,
+            RetrievalArguments,
+            OptimizationArguments,
+            TrainingArguments,
+        )
     )
     allow_resume_without_path(parser)
     # The tiny run's optimisation; `--recipe coco_retrieval` / `flickr_retrieval` set the original's. Validation
@@ -129,7 +139,7 @@ def build_parser() -> HfArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
-    model_args, data_args, retrieval_args, optimization_args, training_args = parse_with_recipe(parser, argv)
+    model_args, data_args, hub_args, retrieval_args, optimization_args, training_args = parse_with_recipe(parser, argv)
     if training_args.remove_unused_columns:
         parser.error("--remove_unused_columns must stay False: Trainer would drop the image and caption columns")
     check_processes_train_together(training_args)
@@ -147,10 +157,11 @@ def main(argv: list[str] | None = None) -> dict:
     }  # fmt: skip
     try:
         with training_args.main_process_first(desc="building the dataset"):
+            source = "hub" if reads_hub_dataset(hub_args, data_args.source) else data_args.source
             train, val, test = load_caption_splits(
-                data_args.source, data_args.train_file, data_args.val_file, data_args.test_file,
-                data_args.image_root, retrieval_args.max_words, synthetic_kwargs, report=report,
-                with_train=training_args.do_train,
+                source, data_args.train_file, data_args.val_file, data_args.test_file, data_args.image_root,
+                retrieval_args.max_words, synthetic_kwargs, report=report, with_train=training_args.do_train,
+                hub_arguments=hub_args,
             )  # fmt: skip
         resume = checkpoint_to_resume(training_args) if training_args.do_train else None
         head, tokenizer, start = start_retrieval_head(
