@@ -245,6 +245,20 @@ def test_a_restart_with_other_settings_is_refused(tmp_path, captioner, random_fi
         )  # fmt: skip
 
 
+def test_a_killed_runs_half_written_files_are_removed_when_their_shard_is_redone(
+    tmp_path, captioner, random_filter, processor, web
+):
+    stale = [tmp_path / ".data-00000.parquet.partial-123-abcd", tmp_path / ".shard-00000.json.partial-123-ef01"]
+    for path in stale:
+        path.write_bytes(b"half")
+    other = tmp_path / ".data-00001.parquet.partial-9-beef"  # another shard's: left to its own rank
+    other.write_bytes(b"half")
+    shards = dataset_shards(web.select(range(1)))
+    bootstrap(shards, captioner, processor, random_filter, processor, tmp_path, num_workers=0, progress=False)
+    assert not any(path.exists() for path in stale) and other.exists()
+    assert (tmp_path / "manifest.json").exists()
+
+
 def test_a_sigkilled_run_restarted_ends_byte_identical(tmp_path, model_dirs, reference_run):
     reference_dir, _ = reference_run
     output_dir = tmp_path / "out"
@@ -265,6 +279,7 @@ def test_a_sigkilled_run_restarted_ends_byte_identical(tmp_path, model_dirs, ref
     assert result.returncode == 0, result.stderr[-3000:]
     assert "already committed" in result.stdout and "(0 already committed)" not in result.stdout
     assert visible_files(output_dir) == visible_files(reference_dir)
+    assert not list(output_dir.glob(".*partial*"))  # what the killed run left half-written is gone
 
 
 def test_two_ranks_cover_every_image_once_and_write_what_one_process_writes(tmp_path, model_dirs, reference_run):

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
-from ..atomic_writes import atomic_file, write_text_atomically
+from ..atomic_writes import PARTIAL_MARK, atomic_file, write_text_atomically
 from ..data.annotations import clean_caption, stable_id
 from ..data.bootstrapped import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, file_digest
 from ..data.decoding import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, load_image
@@ -596,6 +596,17 @@ def finished_marker(output_dir: Path, name: str) -> dict[str, Any] | None:
     return None
 
 
+def remove_stale_partials(output_dir: Path, name: str, output_format: str) -> None:
+    """Delete the temporary files a killed run left for shard `name` (only its own rank ever writes them)."""
+    for file in (
+        _data_file_name(name, output_format),
+        f"scores-{name}.parquet",
+        _shard_marker_path(output_dir, name).name,
+    ):
+        for stale in output_dir.glob(f".{file}{PARTIAL_MARK}*"):
+            stale.unlink(missing_ok=True)
+
+
 def _settings_record(settings: CapFiltSettings, models: dict[str, str]) -> dict[str, Any]:
     return {**asdict(settings), **models}
 
@@ -749,6 +760,7 @@ def bootstrap(
     start = time.perf_counter()
     try:
         for shard in todo:
+            remove_stale_partials(output_dir, shard.name, settings.output_format)
             result = process_shard(
                 shard, captioner, captioner_processor, filter_model, filter_processor, settings,
                 batch_size, num_workers, device, dtype, report, on_batch,
