@@ -342,3 +342,37 @@ def test_finetune_retrieval_ranks_the_test_images_of_a_saved_dataset(benchmark, 
     ])  # fmt: skip
     assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 2
     assert 0.0 <= metrics["test"]["r_mean"] <= 100.0
+
+
+def test_capfilt_bootstraps_a_hub_layout_dataset(tmp_path, monkeypatch):
+    from transformers_blip import BlipForConditionalGeneration, BlipForImageTextRetrieval, build_processor
+
+    web = build_synthetic_benchmark(
+        num_human=1, num_web=4, num_val=1, num_test=1, num_vqa=3, num_nlvr=1, image_size=32
+    )
+    web = (
+        web["web"].select_columns(["image", "caption", "image_id"]).rename_columns({"image": "jpg", "caption": "alt"})
+    )
+    dataset = save_both_layouts(DatasetDict({"train": web}), tmp_path / "web")
+    processor = build_processor(make_tokenizer(), image_size=32)
+    torch.manual_seed(0)
+    for name, model_class in (("captioner", BlipForConditionalGeneration), ("filter", BlipForImageTextRetrieval)):
+        model_class(make_config()).save_pretrained(tmp_path / name)
+        processor.save_pretrained(tmp_path / name)
+    spec = importlib.util.spec_from_file_location("capfilt_script", SCRIPTS / "capfilt.py")
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, script)
+    spec.loader.exec_module(script)
+    output = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", [
+        "capfilt.py", "--captioner", str(tmp_path / "captioner"), "--filter", str(tmp_path / "filter"),
+        "--output_dir", str(output), "--dataset_name", str(dataset["hub"]), "--dataset_cache_dir", str(tmp_path / "c"),
+        "--image_column", "jpg", "--caption_column", "alt", "--num_captions", "1", "--batch_size", "4",
+        "--num_workers", "0", "--threshold", "0.0",
+    ])  # fmt: skip
+    assert script.main() == 0
+    kept = Dataset.from_parquet([str(path) for path in sorted(output.glob("data-*.parquet"))])
+    # Threshold 0 keeps every text: each image's web caption and its one synthetic caption.
+    assert sorted(kept["image_id"]) == sorted(list(web["image_id"]) * 2)
+    monkeypatch.setattr(sys, "argv", [*sys.argv[:-1], "0.0", "--streaming"])
+    assert script.main() == 2  # CapFilt shards its input by length: a stream is refused, with the reason

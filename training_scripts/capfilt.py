@@ -13,6 +13,8 @@ has the plan for CC3M / CC12M / LAION.
         --filter Salesforce/blip-itm-large-coco --source webdataset --files "cc12m/{00000..01242}.tar" --bf16 ...
     # the same with torchrun
     torchrun --nproc_per_node 8 training_scripts/capfilt.py ...
+    # a datasets dataset in place of --source (a hub id, a folder in the hub's layout, a save_to_disk folder)
+    python training_scripts/capfilt.py --captioner ... --filter ... --dataset_name my_pairs --caption_column text
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from transformers_blip.benchmark import build_synthetic_benchmark
 from transformers_blip.capfilt import CapFiltSettings, bootstrap, dataset_shards, webdataset_shards
 from transformers_blip.capfilt.report import write_report
 from transformers_blip.cli.common import CommandError, load_model
-from transformers_blip.data import SkipReport
+from transformers_blip.data import HubDatasetArguments, SkipReport
+from transformers_blip.data.hub_datasets import reads_hub_dataset
 from transformers_blip.training import load_pretraining_pairs
 
 
@@ -73,8 +76,13 @@ class InputArguments:
     synthetic_image_size: int = field(default=64, metadata={"help": "Side of the synthetic images."})
 
 
-def input_shards(args: InputArguments, report: SkipReport, count_load_skips: bool):
+def input_shards(args: InputArguments, hub_args: HubDatasetArguments, report: SkipReport, count_load_skips: bool):
     """The input shards and, on the synthetic benchmark, its hidden noise flags by image key."""
+    if reads_hub_dataset(hub_args, args.source):  # its training split, read whole: shards need its length
+        pairs, _ = load_pretraining_pairs(
+            "hub", report=report, count_load_skips=count_load_skips, hub_arguments=hub_args
+        )
+        return dataset_shards(pairs, args.shard_size), None
     if args.source == "synthetic":
         web = build_synthetic_benchmark(
             seed=args.synthetic_seed, num_web=args.synthetic_num_web, noise_rate=args.synthetic_noise_rate,
@@ -91,7 +99,8 @@ def input_shards(args: InputArguments, report: SkipReport, count_load_skips: boo
 
 
 def main() -> int:
-    args, input_args = HfArgumentParser((CapFiltArguments, InputArguments)).parse_args_into_dataclasses()
+    parser = HfArgumentParser((CapFiltArguments, InputArguments, HubDatasetArguments))
+    args, input_args, hub_args = parser.parse_args_into_dataclasses()
     state = PartialState(cpu=not torch.accelerator.is_available())  # joins torchrun's / accelerate's processes
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     settings = CapFiltSettings(
@@ -102,7 +111,7 @@ def main() -> int:
     try:
         captioner, captioner_processor = load_model(args.captioner, "captioning", args.vocab_file)
         filter_model, filter_processor = load_model(args.filter, "retrieval", args.vocab_file)
-        shards, noisy = input_shards(input_args, report, count_load_skips=state.is_main_process)
+        shards, noisy = input_shards(input_args, hub_args, report, count_load_skips=state.is_main_process)
         summary = bootstrap(
             shards, captioner, captioner_processor, filter_model, filter_processor, args.output_dir, settings,
             batch_size=args.batch_size, num_workers=args.num_workers, device=state.device, dtype=dtype,
