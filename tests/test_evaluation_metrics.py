@@ -223,6 +223,17 @@ def test_retrieval_recall_by_hand():
         retrieval_recall(score_i2t, score_t2i, [0, 0, 0])
 
 
+def test_retrieval_recall_counts_a_tie_against_the_ground_truth():
+    # Re-ranked with k_test = 1: each query's one candidate is scored, every other cell is -100. Image 1's text and
+    # text 1's image fall outside the top 1, so they are not found at K = 2 either: the tie with the other -100 cell counts against them.
+    unranked = -100.0
+    score_i2t = torch.tensor([[0.9, unranked, unranked], [0.7, unranked, unranked], [unranked, unranked, 0.8]])
+    score_t2i = torch.tensor([[0.9, unranked, unranked], [unranked, unranked, 0.5], [unranked, unranked, 0.8]])
+    metrics = retrieval_recall(score_i2t, score_t2i, [0, 1, 2], ks=(1, 2))
+    assert metrics["txt_r1"] == metrics["txt_r2"] == pytest.approx(200 / 3)
+    assert metrics["img_r1"] == metrics["img_r2"] == pytest.approx(200 / 3)
+
+
 def test_metrics_load_as_offline_evaluate_modules(tmp_path):
     code = """
 import json, evaluate

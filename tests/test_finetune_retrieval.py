@@ -20,12 +20,11 @@ from safetensors.torch import load_file
 
 import transformers_blip.modeling_pretraining as modeling_pretraining
 from transformers_blip import BlipForImageTextRetrieval, BlipForPreTraining, BlipForRetrievalTraining
-from transformers_blip.evaluation.retrieval_eval import retrieval_scores
+from transformers_blip.evaluation.retrieval_eval import retrieval_scores, retrieval_texts
 from transformers_blip.losses import NEGATIVE_SAMPLING_FLOOR, sample_hard_negatives
 from transformers_blip.training.captioning import load_caption_splits
 from transformers_blip.training.retrieval import (
     RetrievalEvaluation,
-    retrieval_texts,
     retrieval_training_model,
     start_retrieval_head,
 )

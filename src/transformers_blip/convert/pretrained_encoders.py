@@ -251,7 +251,8 @@ def load_pretrained_encoders(
         model.load_state_dict(planned_state_dict(original, plan), strict=False)
     report.resized |= grown  # after loading: the plan resizes the entries of `resized` it made itself
     report.dropped_expected |= dropped
-    _start_momentum_copies(model)
+    if hasattr(model, "restart_momentum_encoders"):  # a pretraining model: its momentum copies start as the online
+        model.restart_momentum_encoders()
     _explain_new_tensors(report, vision is not None, text is not None)
     log_report(report)
     return report
@@ -275,15 +276,6 @@ def blip_tokenizer_for(text_source: str | os.PathLike):
         vocab_file = Path(scratch) / "vocab.txt"
         vocab_file.write_text("".join(f"{token}\n" for token in sorted(vocab, key=vocab.get)), encoding="utf-8")
         return build_tokenizer(vocab_file=str(vocab_file))
-
-
-def _start_momentum_copies(model: BlipPreTrainedModel) -> None:
-    pairs = getattr(model, "_momentum_parameter_pairs", None)
-    if pairs is None:
-        return
-    with torch.no_grad():
-        for momentum_param, online_param in zip(*pairs()):
-            momentum_param.copy_(online_param)
 
 
 def _explain_new_tensors(report: ConversionReport, has_vision: bool, has_text: bool) -> None:

@@ -18,6 +18,7 @@ values once per candidate, here:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..data import pre_caption
+from ..data import load_image, pre_caption
 from ..losses import gather_without_grad, rank_and_world_size
 from ..modeling_blip import itc_feature, replace_first_token
 from ..modeling_med import BlipTextLayer, additive_mask
@@ -332,8 +333,10 @@ def _retrieval_scores(
     return score_i2t, score_t2i
 
 
-class _TransformedImages(Sequence):
-    """A dataset's image column seen through the eval transform, one row read per item: no (I, 3, H, W) in memory."""
+class _SplitImages(Sequence):
+    """An evaluation split's images, decoded by the project's decoder (`load_image`, which names a broken file) and
+    transformed one at a time as they are needed: every image counts in recall, so a broken one stops the evaluation
+    rather than being skipped."""
 
     def __init__(self, dataset: Any, image_column: str, image_transform: Callable[[Any], torch.Tensor]):
         self.dataset, self.image_column, self.image_transform = dataset, image_column, image_transform
@@ -342,7 +345,7 @@ class _TransformedImages(Sequence):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.image_transform(self.dataset[index][self.image_column])
+        return self.image_transform(load_image(self.dataset[index][self.image_column]))
 
 
 def _dataset_captions(dataset: Any, captions_column: str) -> list[list[str]]:
@@ -352,6 +355,61 @@ def _dataset_captions(dataset: Any, captions_column: str) -> list[list[str]]:
             raise ValueError(f"the dataset has no column {captions_column!r}; its columns: {dataset.column_names}")
         return list(dataset[captions_column])
     return [row[captions_column] for row in dataset]
+
+
+def retrieval_texts(
+    dataset: Any, max_words: int = 30, captions_column: str = "captions"
+) -> tuple[list[str], list[int]]:
+    """The cleaned captions (`pre_caption(max_words)`) of a split `{image, captions: list[str]}`, image by image, and
+    the index of each one's image."""
+    texts, text_to_image = [], []
+    for image_index, captions in enumerate(_dataset_captions(dataset, captions_column)):
+        if isinstance(captions, str) or not captions:
+            raise ValueError(f"row {image_index}: {captions_column!r} must be a non-empty list of captions")
+        texts += [pre_caption(caption, max_words) for caption in captions]
+        text_to_image += [image_index] * len(captions)
+    return texts, text_to_image
+
+
+@dataclass
+class SplitRetrievalScores:
+    """`split_retrieval_scores`' answer: the (I, T) and (T, I) score matrices, the cleaned texts and each text's
+    image index."""
+
+    score_i2t: torch.Tensor
+    score_t2i: torch.Tensor
+    texts: list[str]
+    text_to_image: list[int]
+
+
+def split_retrieval_scores(
+    model: nn.Module,
+    dataset: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    image_transform: Callable[[Any], torch.Tensor],
+    k_test: int = 128,
+    max_length: int = 35,
+    max_words: int = 30,
+    image_column: str = "image",
+    captions_column: str = "captions",
+    batch_size: int = 64,
+    max_pairs_per_forward: int = 1024,
+) -> SplitRetrievalScores:
+    """`retrieval_scores` of a split `{image, captions}` such as a Karpathy test split: captions cleaned with
+    `pre_caption(max_words)` and tokenized to at most `max_length` tokens (the original's 30 words and 35 tokens),
+    images decoded and put through `image_transform` (PIL image -> (3, H, W)) as they are needed."""
+    texts, text_to_image = retrieval_texts(dataset, max_words, captions_column)
+    encoded = tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    score_i2t, score_t2i = retrieval_scores(
+        model,
+        _SplitImages(dataset, image_column, image_transform),
+        encoded["input_ids"],
+        encoded["attention_mask"],
+        k_test=k_test,
+        batch_size=batch_size,
+        max_pairs_per_forward=max_pairs_per_forward,
+    )
+    return SplitRetrievalScores(score_i2t, score_t2i, texts, text_to_image)
 
 
 def evaluate_retrieval(
@@ -368,30 +426,21 @@ def evaluate_retrieval(
     batch_size: int = 64,
     max_pairs_per_forward: int = 1024,
 ) -> dict[str, float]:
-    """Recall@K (percent) of BLIP's retrieval, ITC then ITM re-ranking (`retrieval_scores`), on rows
-    `{image, captions: list[str]}` such as a Karpathy test split: `txt_r{k}`, `img_r{k}`, the means and `r_mean`.
-
-    Captions are cleaned with `pre_caption(max_words)` and tokenized to at most `max_length` tokens (the original's
-    30 words and 35 tokens); images go through `image_transform` (PIL image -> (3, H, W)) as they are needed.
-    """
-    texts, text_to_image = [], []
-    for image_index, captions in enumerate(_dataset_captions(dataset, captions_column)):
-        if isinstance(captions, str) or not captions:
-            raise ValueError(f"row {image_index}: {captions_column!r} must be a non-empty list of captions")
-        for caption in captions:
-            texts.append(pre_caption(caption, max_words))
-            text_to_image.append(image_index)
-    encoded = tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
-    score_i2t, score_t2i = retrieval_scores(
-        model,
-        _TransformedImages(dataset, image_column, image_transform),
-        encoded["input_ids"],
-        encoded["attention_mask"],
-        k_test=k_test,
-        batch_size=batch_size,
+    """Recall@K (percent) of BLIP's retrieval, ITC then ITM re-ranking, on a split `{image, captions: list[str]}`
+    (`split_retrieval_scores`): `txt_r{k}`, `img_r{k}`, the means and `r_mean`."""
+    scores = split_retrieval_scores(
+        model, dataset, tokenizer, image_transform, k_test=k_test, max_length=max_length, max_words=max_words,
+        image_column=image_column, captions_column=captions_column, batch_size=batch_size,
         max_pairs_per_forward=max_pairs_per_forward,
-    )
-    return retrieval_recall(score_i2t, score_t2i, torch.tensor(text_to_image), ks)
+    )  # fmt: skip
+    return retrieval_recall(scores.score_i2t, scores.score_t2i, torch.tensor(scores.text_to_image), ks)
 
 
-__all__ = ["UNRANKED_SCORE", "evaluate_retrieval", "retrieval_scores"]
+__all__ = [
+    "UNRANKED_SCORE",
+    "SplitRetrievalScores",
+    "evaluate_retrieval",
+    "retrieval_scores",
+    "retrieval_texts",
+    "split_retrieval_scores",
+]

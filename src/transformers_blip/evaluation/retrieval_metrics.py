@@ -12,14 +12,15 @@ def _image_to_text_ranks(score_i2t: torch.Tensor, text_to_image: torch.Tensor) -
     num_images = score_i2t.shape[0]
     own_text = text_to_image[None, :] == torch.arange(num_images, device=score_i2t.device)[:, None]  # (I, T)
     best_own_score = score_i2t.masked_fill(~own_text, float("-inf")).max(dim=1).values  # (I,)
-    # Texts of other images that score above the image's best own text.
-    return (score_i2t.masked_fill(own_text, float("-inf")) > best_own_score[:, None]).sum(dim=1)  # (I,)
+    # Texts of other images that score at least as high as the image's best own text: a tie counts against it.
+    return (score_i2t.masked_fill(own_text, float("-inf")) >= best_own_score[:, None]).sum(dim=1)  # (I,)
 
 
 def _text_to_image_ranks(score_t2i: torch.Tensor, text_to_image: torch.Tensor) -> torch.Tensor:
-    """For each text, the rank of its image."""
-    own_image_score = score_t2i[torch.arange(score_t2i.shape[0], device=score_t2i.device), text_to_image]  # (T,)
-    return (score_t2i > own_image_score[:, None]).sum(dim=1)  # (T,)
+    """For each text, the rank of its image: the other images that score at least as high (a tie counts against it)."""
+    rows = torch.arange(score_t2i.shape[0], device=score_t2i.device)
+    own_image_score = score_t2i[rows, text_to_image]  # (T,)
+    return (score_t2i >= own_image_score[:, None]).sum(dim=1) - 1  # (T,), the own image itself not counted
 
 
 def retrieval_recall(
@@ -34,6 +35,9 @@ def retrieval_recall(
         score_i2t: (I, T) scores of every text for every image (image-to-text retrieval).
         score_t2i: (T, I) scores of every image for every text; after ITM re-ranking it is not `score_i2t.T`.
         text_to_image: (T,) the index of each text's image.
+
+    Ties count against the ground truth: after re-ranking every pair outside a query's top `k_test` scores -100, and a
+    ground truth among them is not found at any K, also where K exceeds `k_test`.
 
     Returns:
         `txt_r{k}` (image-to-text: an image counts as found when any of its texts ranks within k), `img_r{k}`

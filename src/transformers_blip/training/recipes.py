@@ -91,7 +91,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "k_test": 256,
         "negative_all_rank": True,
         "vision_gradient_checkpointing_layers": 4,
-        "max_words": 35,
+        "max_words": 30,
         **_ORIGINAL_OPTIMISATION,
     },
     # configs/retrieval_flickr.yaml
@@ -108,7 +108,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "k_test": 128,
         "negative_all_rank": False,
         "vision_gradient_checkpointing_layers": 4,
-        "max_words": 35,
+        "max_words": 30,
         **_ORIGINAL_OPTIMISATION,
     },
     # configs/vqa.yaml: VQA v2 train + val and Visual Genome QA, answers ranked among the candidate list.

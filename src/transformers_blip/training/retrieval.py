@@ -27,8 +27,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainingArgumen
 from ..atomic_writes import write_text_atomically
 from ..configuration_blip import BlipConfig
 from ..convert.original import load_original_checkpoint
-from ..data import BlipEvalTransform, DecodeImages, SkipReport, load_image, pre_caption
-from ..evaluation.retrieval_eval import retrieval_scores
+from ..data import BlipEvalTransform, DecodeImages, SkipReport
+from ..evaluation.retrieval_eval import split_retrieval_scores
 from ..evaluation.retrieval_metrics import retrieval_recall
 from ..modeling_blip import BlipForImageTextRetrieval
 from ..modeling_retrieval_training import BlipForRetrievalTraining
@@ -138,32 +138,6 @@ def retrieval_training_collator(
     return DecodingCollator(decode, collate)
 
 
-def retrieval_texts(dataset: Dataset, max_words: int = RETRIEVAL_MAX_WORDS) -> tuple[list[str], list[int]]:
-    """The cleaned captions of an evaluation split `{image, captions}`, image by image, and each one's image index."""
-    texts, text_to_image = [], []
-    for image_index, captions in enumerate(dataset["captions"]):
-        if isinstance(captions, str) or not captions:
-            raise ValueError(f"row {image_index}: 'captions' must be a non-empty list of captions")
-        texts += [pre_caption(caption, max_words) for caption in captions]
-        text_to_image += [image_index] * len(captions)
-    return texts, text_to_image
-
-
-class _DecodedImages(Sequence):
-    """An evaluation split's images, decoded (`load_image`, which names a broken file) and transformed one at a time:
-    every image counts in recall, so a broken one stops the evaluation rather than being skipped."""
-
-    def __init__(self, dataset: Dataset, image_transform: Callable):
-        self.images = dataset.select_columns(["image"])
-        self.image_transform = image_transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.image_transform(load_image(self.images[index]["image"]))
-
-
 class RetrievalEvaluation:
     """`task_evaluation` for `BlipFineTuningTrainer`: recall@1/5/10 both ways and `r_mean` of ITC top-`k_test`
     candidates re-ranked by ITM, on a split `{image, captions, image_id}`.
@@ -197,16 +171,14 @@ class RetrievalEvaluation:
         self.rankings: dict[str, Any] = {}
 
     def __call__(self, model: torch.nn.Module, dataset: Dataset) -> dict[str, float]:
-        texts, text_to_image = retrieval_texts(dataset, self.max_words)
-        encoded = self.tokenizer(
-            texts, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        score_i2t, score_t2i = retrieval_scores(
-            model, _DecodedImages(dataset, self.image_transform), encoded["input_ids"], encoded["attention_mask"],
-            k_test=self.k_test, batch_size=self.batch_size,
+        scores = split_retrieval_scores(
+            model, dataset, self.tokenizer, self.image_transform, k_test=self.k_test, max_length=self.max_length,
+            max_words=self.max_words, batch_size=self.batch_size,
         )  # fmt: skip
-        self.rankings = ranked_candidates(score_i2t, score_t2i, texts, text_to_image, list(dataset["image_id"]))
-        return retrieval_recall(score_i2t, score_t2i, torch.tensor(text_to_image))
+        self.rankings = ranked_candidates(
+            scores.score_i2t, scores.score_t2i, scores.texts, scores.text_to_image, list(dataset["image_id"])
+        )
+        return retrieval_recall(scores.score_i2t, scores.score_t2i, torch.tensor(scores.text_to_image))
 
 
 def ranked_candidates(
@@ -320,7 +292,6 @@ __all__ = [
     "retrieval_evaluation_summary",
     "retrieval_results_markdown",
     "retrieval_run_summary",
-    "retrieval_texts",
     "retrieval_training_collator",
     "retrieval_training_model",
     "start_retrieval_head",
