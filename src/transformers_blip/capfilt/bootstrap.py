@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import logging
 import os
+import tarfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -42,7 +44,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, TopKLogitsWarper,
 
 from ..atomic_writes import PARTIAL_MARK, atomic_file, write_text_atomically
 from ..data.annotations import clean_caption, stable_id
-from ..data.bootstrapped import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, file_digest
+from ..data.bootstrapped import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, capfilt_files, file_digest
 from ..data.decoding import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, load_image
 from ..data.skips import BadSampleError, SkippedSample, SkipReport
 from ..data.streaming import expand_shards, load_webdataset
@@ -324,12 +326,8 @@ def generate_captions(
             generation_config=generation_config,
             logits_processor=LogitsProcessorList([*processors, GumbelSampling(seeds)]),
         )
-    captions = _decode(tokenizer, generated, prompt)
+    captions = decode_captions(tokenizer, generated, prompt=prompt or None)
     return [captions[index * count : (index + 1) * count] for index in range(len(keys))]
-
-
-def _decode(tokenizer: Any, generated: torch.Tensor, prompt: str) -> list[str]:
-    return decode_captions(tokenizer, generated, prompt=prompt or None)
 
 
 def _float64_linear(layer: torch.nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
@@ -530,9 +528,6 @@ def _image_extension(data: bytes) -> str:
 
 
 def _write_webdataset(path: Path, records: list[dict]) -> None:
-    import io
-    import tarfile
-
     def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
         info.size, info.mtime = len(data), 0  # no clock in the bytes: a rerun writes the same tar
@@ -788,8 +783,6 @@ def bootstrap(
 
 def iter_scores(output_dir: str | os.PathLike) -> Iterator[dict[str, Any]]:
     """Every scored text of a finished run (key, source, text, itm_score, itc_similarity, kept), in input order."""
-    from ..data.bootstrapped import capfilt_files
-
     for path in capfilt_files(output_dir, "scores"):
         yield from pq.read_table(path).to_pylist()
 
