@@ -376,3 +376,34 @@ def test_capfilt_bootstraps_a_hub_layout_dataset(tmp_path, monkeypatch):
     assert sorted(kept["image_id"]) == sorted(list(web["image_id"]) * 2)
     monkeypatch.setattr(sys, "argv", [*sys.argv[:-1], "0.0", "--streaming"])
     assert script.main() == 2  # CapFilt shards its input by length: a stream is refused, with the reason
+
+
+def test_blip_caption_captions_a_datasets_split_and_resumes(benchmark, caption_dataset, tmp_path, capsys):
+    from transformers_blip import BlipForConditionalGeneration, BlipImageTextProcessor, build_processor
+    from transformers_blip.cli import main
+
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(make_config()).eval()
+    model.save_pretrained(tmp_path / "captioner")
+    build_processor(make_tokenizer(), image_size=32).save_pretrained(tmp_path / "captioner")
+    output = tmp_path / "captions.jsonl"
+    name = str(caption_dataset["saved"])
+    base = ["caption", "--dataset-name", name, "--model", str(tmp_path / "captioner"), "--output", str(output)]
+    base += ["--quiet", "--num-workers", "1"]
+    command = [*base, "--split", "validation", "--image-column", "picture"]
+    assert main(command) == 0
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    images = benchmark["val"]["image"]
+    assert [record["image"] for record in records] == [f"{name}[validation]:{row}" for row in range(len(images))]
+    processor = BlipImageTextProcessor.from_pretrained(tmp_path / "captioner")
+    for record, image in zip(records, images):
+        generated = model.generate(**processor(images=image, return_tensors="pt"), num_beams=3, min_length=5)
+        assert record["caption"] == processor.decode_captions(generated)[0]
+    output.write_text(output.read_text().splitlines()[0] + "\n")  # a run cut short after its first image
+    assert main(command) == 0
+    assert [json.loads(line)["image"] for line in output.read_text().splitlines()] == [r["image"] for r in records]
+    assert "1 already done" in capsys.readouterr().out
+    assert main([*base, "--split", "validation"]) == 2
+    assert "no column 'image' (--image-column); its columns: picture" in capsys.readouterr().err
+    assert main([*base, "--split", "dev", "--image-column", "picture"]) == 2
+    assert "no split 'dev' (--split); its splits: train, validation, test" in capsys.readouterr().err

@@ -104,7 +104,7 @@ class CaptionSettings:
 def _already_done(paths: Sequence[str], done: set[str]) -> int:
     """How many images of `paths` (files, and the rows or samples of containers) `done` names."""
     files = {path for path in paths if not is_container(path)}
-    containers = tuple(path + separator for path in paths if is_container(path) for separator in (":", "/"))
+    containers = tuple(str(path) + separator for path in paths if is_container(path) for separator in (":", "/"))
     return sum(name in files or name.startswith(containers) for name in done)
 
 

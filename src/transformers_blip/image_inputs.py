@@ -2,9 +2,10 @@
 and of the retrieval index.
 
 An input is an image file, a folder of them (subfolders too when `recursive`), a text file listing image paths,
-a parquet file (one image a row) or a webdataset tar shard (one image per key). Every image has a name that is
-stable from run to run, so that a restarted job can tell what it already did: a file's path, `file.parquet:ROW`
-for a parquet row, `shard.tar/KEY` for a webdataset sample.
+a parquet file (one image a row), a webdataset tar shard (one image per key) or a split of a `datasets` dataset
+(`DatasetImages`). Every image has a name that is stable from run to run, so that a restarted job can tell what it
+already did: a file's path, `file.parquet:ROW` for a parquet row, `shard.tar/KEY` for a webdataset sample,
+`NAME[SPLIT]:ROW` for a dataset's row.
 
 Bad inputs (a path that does not exist, a folder without images, an image that cannot be decoded, a damaged
 shard) are reported one name and reason each, never raised: a job over many images carries on without them.
@@ -40,9 +41,26 @@ class ImageFailures:
         self.failed.append((name, reason))
 
 
-def is_container(path: str) -> bool:
-    """Whether `path` is a parquet file or a tar shard: a file holding many images rather than one."""
-    return path.lower().endswith(PARQUET_SUFFIXES + TAR_SUFFIXES)
+@dataclass(eq=False)
+class DatasetImages:
+    """The images of one split of a `datasets` dataset, as `load_hub_splits(..., "images")` gives it (an undecoded
+    `image` column), named `NAME[SPLIT]:ROW`. Like a parquet file, it is a container that one worker reads whole."""
+
+    name: str
+    dataset: Any
+
+    def __str__(self) -> str:
+        return self.name
+
+    def images(self) -> Iterator[tuple[str, Any]]:
+        """(name, undecoded image) of every row, in order."""
+        for row, example in enumerate(self.dataset):
+            yield f"{self.name}:{row}", example["image"]
+
+
+def is_container(path: str | DatasetImages) -> bool:
+    """Whether `path` is a parquet file, a tar shard or a dataset's split: a source of many images rather than one."""
+    return isinstance(path, DatasetImages) or path.lower().endswith(PARQUET_SUFFIXES + TAR_SUFFIXES)
 
 
 def _is_image_file(path: Path) -> bool:
@@ -145,8 +163,12 @@ class DecodedImages(IterableDataset):
             if path not in self.skip:
                 yield self._decoded(path, path)
             return
-        is_parquet = path.lower().endswith(PARQUET_SUFFIXES)
-        images = _parquet_images(path, self.image_column) if is_parquet else _tar_images(path)
+        if isinstance(path, DatasetImages):
+            images = path.images()
+        elif path.lower().endswith(PARQUET_SUFFIXES):
+            images = _parquet_images(path, self.image_column)
+        else:
+            images = _tar_images(path)
         try:
             for name, source in images:
                 if name in self.skip:
@@ -156,7 +178,7 @@ class DecodedImages(IterableDataset):
                 else:
                     yield self._decoded(name, source)
         except Exception as error:  # tarfile, zlib and pyarrow each raise their own errors for a damaged file
-            yield DecodedRow(path, error=f"cannot read this file ({type(error).__name__}: {error})")
+            yield DecodedRow(str(path), error=f"cannot read this file ({type(error).__name__}: {error})")
 
     def _decoded(self, name: str, source: Any) -> DecodedRow:
         try:
@@ -189,16 +211,21 @@ def decoded_batches(
             yield [row.name for row in good], stacked
 
 
-def count_images(inputs: Sequence[str]) -> int | None:
+def count_images(inputs: Sequence[str | DatasetImages]) -> int | None:
     """How many images `inputs` hold, for a progress bar: files count one, parquet files their rows (read from the
-    footer); None when a tar shard is among them (counting would read it all)."""
+    footer), a dataset's split its length; None when a tar shard or a stream is among them (counting would read it
+    all)."""
     import pyarrow.parquet as pq
 
     total = 0
     for path in inputs:
-        if path.lower().endswith(TAR_SUFFIXES):
+        if isinstance(path, DatasetImages):
+            if not hasattr(path.dataset, "__len__"):  # a stream
+                return None
+            total += len(path.dataset)
+        elif path.lower().endswith(TAR_SUFFIXES):
             return None
-        if path.lower().endswith(PARQUET_SUFFIXES):
+        elif path.lower().endswith(PARQUET_SUFFIXES):
             try:
                 total += pq.ParquetFile(path).metadata.num_rows
             except Exception:  # a damaged file: the workers report it
@@ -209,6 +236,7 @@ def count_images(inputs: Sequence[str]) -> int | None:
 
 
 __all__ = [
+    "DatasetImages",
     "DecodedImages",
     "DecodedRow",
     "ImageFailures",

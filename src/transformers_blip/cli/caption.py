@@ -3,6 +3,7 @@
 blip caption photos/ --recursive --model Salesforce/blip-image-captioning-base --output captions.jsonl
 blip caption a.jpg b.png list.txt --model ./my-captioner --sidecar .txt --skip-existing
 blip caption shards/{00000..00009}.tar --model ./my-captioner --output captions.jsonl --score-with ./retrieval
+blip caption --dataset-name my_images --split test --image-column img --model ./my-captioner --output captions.jsonl
 """
 
 from __future__ import annotations
@@ -29,12 +30,21 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "inputs",
-        nargs="+",
+        nargs="*",
         help="image files, folders, .txt files listing image paths, .parquet files, webdataset .tar shards",
     )
+    parser.add_argument(
+        "--dataset-name",
+        help="a datasets dataset too: a hub id, a folder in the hub's layout, or a save_to_disk folder",
+    )
+    parser.add_argument("--dataset-config-name", help="the dataset's configuration")
+    parser.add_argument("--split", default="train", help="the dataset's split to caption (default train)")
+    parser.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it")
     add_model_options(parser)
     parser.add_argument("--recursive", action="store_true", help="also caption the images in subfolders")
-    parser.add_argument("--image-column", default="image", help="the column of parquet files holding the images")
+    parser.add_argument(
+        "--image-column", default="image", help="the column of parquet files or the dataset holding the images"
+    )
     parser.add_argument("--output", help="a JSON-lines file: one {image, caption} per line, appended to")
     parser.add_argument("--sidecar", help="write each caption beside its image with this suffix, e.g. .txt")
     parser.add_argument("--skip-existing", action="store_true", help="skip images whose sidecar file exists")
@@ -70,6 +80,12 @@ def add_parser(subparsers) -> None:
 
 
 def _check_options(args: argparse.Namespace) -> None:
+    if not args.inputs and not args.dataset_name:
+        raise CommandError("nothing to caption: give image files, folders, lists, shards or --dataset-name")
+    if args.dataset_name and args.output is None:
+        raise CommandError("a dataset's rows have no file to put a sidecar beside: give --output FILE.jsonl")
+    if args.streaming and not args.dataset_name:
+        raise CommandError("--streaming streams a --dataset-name; none was given")
     if args.output is None and args.sidecar is None:
         raise CommandError("nowhere to write the captions: give --output FILE.jsonl, --sidecar .txt, or both")
     if args.sidecar is not None and not args.sidecar.startswith("."):
@@ -87,6 +103,26 @@ def _check_options(args: argparse.Namespace) -> None:
         raise CommandError(f"--top-p must be in (0, 1], not {args.top_p}")
 
 
+def _dataset_images(args: argparse.Namespace):
+    """The images of `--split` of `--dataset-name`, or a `CommandError` naming the split or column it lacks."""
+    from ..data.hub_datasets import HubDatasetArguments, load_hub_splits
+    from ..image_inputs import DatasetImages
+
+    arguments = HubDatasetArguments(
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        train_split=args.split,
+        image_column=args.image_column,
+        streaming=args.streaming,
+    )
+    try:
+        images = load_hub_splits(arguments, "images")["train"]
+    except (ValueError, OSError) as error:  # the library names the scripts' flags; this command spells its own
+        message = str(error).replace("--train_split", "--split").replace("--image_column", "--image-column")
+        raise CommandError(message) from error
+    return DatasetImages(f"{args.dataset_name}[{args.split}]", images)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..batch_captioning import CaptionRun, CaptionSettings, caption_images, collect_images
     from ..image_inputs import is_container
@@ -94,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
     _check_options(args)
     captions = CaptionRun()
     paths = collect_images(args.inputs, args.recursive, captions)
+    if args.dataset_name:
+        paths.append(_dataset_images(args))
     report_failures("caption", captions.failed)
     reported = len(captions.failed)
     if args.output is None and any(is_container(path) for path in paths):

@@ -36,7 +36,7 @@ from .text import MAX_WORDS, pre_question
 
 logger = logging.getLogger(__name__)
 
-HUB_TASKS = ("caption", "pretrain", "vqa", "nlvr")
+HUB_TASKS = ("caption", "pretrain", "vqa", "nlvr", "images")
 # The splits each task reads: pretraining trains only, captioning and retrieval need a validation split to pick the
 # best checkpoint, VQA and NLVR2 may hold their validation out of the training split instead.
 _TASK_SPLITS = {
@@ -44,6 +44,7 @@ _TASK_SPLITS = {
     "pretrain": ("train",),
     "vqa": ("train", "validation?", "test"),
     "nlvr": ("train", "validation?", "test"),
+    "images": ("train",),
 }
 
 
@@ -160,6 +161,8 @@ def _task_columns(task: str, arguments: HubDatasetArguments, present: list[str])
         texts = {"--statement_column": arguments.statement_column, "--label_column": arguments.label_column}
         return _TaskColumns(images, texts, (), ("sentence", "label"))
     images = {"image": ("--image_column", arguments.image_column)}
+    if task == "images":  # images alone, to caption or index
+        return _TaskColumns(images, {}, (), ())
     if task == "vqa":
         optional = (arguments.answers_column, arguments.question_id_column, arguments.image_id_column)
         made = ("question_id", "question", "answers", "unique_answers", "answer_weights")
@@ -312,11 +315,12 @@ def _task_split(
         if data.features is not None:
             data = data.cast_column(column, ImageFeature(decode=False))
     read = [*columns.texts.values(), *(name for name in columns.optional if name in present)]
-    make_row = _row_maker(task, arguments, max_words, report)
-    if isinstance(data, IterableDataset):
-        data = _clean_stream(data, columns, make_row, where, report)
-    else:
-        data = _clean_dataset(data, columns, read, make_row, where, report)
+    if columns.texts:  # images alone have no text to clean
+        make_row = _row_maker(task, arguments, max_words, report)
+        if isinstance(data, IterableDataset):
+            data = _clean_stream(data, columns, make_row, where, report)
+        else:
+            data = _clean_dataset(data, columns, read, make_row, where, report)
     # Schema out: the task's image columns (datasets.Image(decode=False)) under its names, then `columns.made`.
     renames = {column: project for project, (_, column) in columns.images.items() if column != project}
     data = data.select_columns([column for _, column in columns.images.values()] + list(columns.made))
@@ -375,7 +379,7 @@ def load_hub_splits(
             validation and test `{image, image_id, captions}`, one row per image), `"pretrain"` (train only,
             `{image, image_id, caption}`), `"vqa"` (`{image, question_id, question, answers, unique_answers,
             answer_weights}`, and `image_id` where the dataset has it; test questions may lack answers) or `"nlvr"`
-            (`{image0, image1, sentence, label}`).
+            (`{image0, image1, sentence, label}`) or `"images"` (train only, `{image}`: images to caption).
         max_words: words kept per text; the task's BLIP limit by default (`MAX_WORDS`).
         report: where rows skipped for their text are recorded (a strict report raises instead).
         with_train: read the training split; `False` for a run that only evaluates (train is then `None`).
