@@ -241,6 +241,13 @@ def test_the_script_writes_metrics_results_and_rankings(finished_run):
     assert written["best_checkpoint"].endswith(f"checkpoint-{best['step']}")
     assert written["val"]["r_mean"] == best["eval_r_mean"]
     assert "| test |" in (output_dir / "results.md").read_text()
+    # Each training log carries both parts of the loss, which add up to it, and alpha ramping over the first epoch.
+    training_logs = [entry for entry in state["log_history"] if "loss_itc" in entry]
+    assert len(training_logs) == 8
+    for entry in training_logs:
+        assert entry["loss"] == pytest.approx(entry["loss_itc"] + entry["loss_itm"], abs=2e-3)
+    assert [entry["alpha"] for entry in training_logs[:4]] == sorted(entry["alpha"] for entry in training_logs[:4])
+    assert training_logs[-1]["alpha"] == pytest.approx(0.4)
 
     # The rankings of the test split: its 25 texts, every image's 10 best texts and every text's 5 images.
     _, _, test = load_caption_splits("synthetic", synthetic_kwargs={"image_size": 32, **SYNTHETIC})

@@ -1,7 +1,8 @@
 """`BlipFineTuningTrainer`: the Trainer that every fine-tuning script shares.
 
 It brings BLIP's optimisation (`BlipOptimizationMixin`: the original's per-epoch cosine, weight decay on every
-parameter) and sealed, verified checkpoints (`VerifiedCheckpointsMixin`), and it evaluates with the task's own
+parameter), sealed, verified checkpoints (`VerifiedCheckpointsMixin`) and each part of a loss in the logs
+(`LossPartsLoggingMixin`: retrieval's ITC and ITM, with alpha and temperature), and it evaluates with the task's own
 metric instead of a loss: `task_evaluation(model, dataset) -> {name: value}` (CIDEr for captioning, recall for
 retrieval, VQA or NLVR2 accuracy). Trainer then does what it does with any metric: logs it with the `eval_` prefix,
 and with `metric_for_best_model` and `load_best_model_at_end` keeps the best checkpoint, as the original's scripts
@@ -38,6 +39,7 @@ from ..losses import rank_and_world_size
 from .callbacks import unwrap_model
 from .checkpoints import VerifiedCheckpointsMixin
 from .schedules import BlipOptimizationMixin
+from .trainer import LossPartsLoggingMixin
 
 TaskEvaluation = Callable[[Any, Any], dict[str, float]]
 Prediction = TypeVar("Prediction")
@@ -47,7 +49,7 @@ BLIP_LABEL_SMOOTHING = 0.1
 BLIP_TEXT_DROPOUT = 0.1
 
 
-class BlipFineTuningTrainer(VerifiedCheckpointsMixin, BlipOptimizationMixin, Trainer):
+class BlipFineTuningTrainer(LossPartsLoggingMixin, VerifiedCheckpointsMixin, BlipOptimizationMixin, Trainer):
     """Trainer for BLIP's task heads. `task_evaluation`, when given, replaces Trainer's loss evaluation.
 
     Args:

@@ -13,7 +13,7 @@ from .callbacks import MomentumUpdateCallback, unwrap_model
 from .checkpoints import VerifiedCheckpointsMixin
 from .schedules import BlipOptimizationMixin
 
-LOGGED_LOSSES = ("loss_itc", "loss_itm", "loss_lm")
+LOGGED_LOSSES = ("loss_itc", "loss_itm", "loss_lm")  # the parts of a loss that are logged, where a model gives them
 
 
 def check_processes_train_together(args: TrainingArguments) -> None:
@@ -38,7 +38,42 @@ def optimizer_steps_per_epoch(dataset: Dataset | IterableDataset, args: Training
     return max(math.ceil(len(dataset) / samples_per_step), 1)
 
 
-class BlipPreTrainingTrainer(VerifiedCheckpointsMixin, BlipOptimizationMixin, Trainer):
+class LossPartsLoggingMixin:
+    """Logs each part of the loss a model's output carries (`LOGGED_LOSSES`: ITC, ITM, LM) beside Trainer's `loss`,
+    as means over the micro-batches since the last log and over all ranks, like Trainer's own; and, for a model with
+    momentum distillation, its alpha and temperature. A model whose output has no parts logs only `loss`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._loss_names: tuple[str, ...] = ()  # the parts this model's outputs carry, found on the first batch
+        self._loss_sums: torch.Tensor | None = None  # their sums since the last log
+        self._loss_count = 0
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        if model.training:
+            if self._loss_sums is None:
+                self._loss_names = tuple(name for name in LOGGED_LOSSES if outputs.get(name) is not None)
+            if self._loss_names:
+                parts = torch.stack([outputs[name].detach().float() for name in self._loss_names])
+                self._loss_sums = parts if self._loss_sums is None else self._loss_sums + parts
+                self._loss_count += 1
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Trainer calls `log` with the training loss on every rank at once, so the reduction below is collective.
+        if "loss" in logs and self._loss_count > 0:
+            means = self.accelerator.reduce(self._loss_sums / self._loss_count, reduction="mean")
+            logs.update({name: round(value, 4) for name, value in zip(self._loss_names, means.tolist())})
+            model = unwrap_model(self.model)
+            if hasattr(model, "distillation_alpha"):
+                logs["alpha"] = model.distillation_alpha()
+                logs["temperature"] = round(model.temp.item(), 5)
+            self._loss_sums, self._loss_count = None, 0
+        super().log(logs, start_time)
+
+
+class BlipPreTrainingTrainer(LossPartsLoggingMixin, VerifiedCheckpointsMixin, BlipOptimizationMixin, Trainer):
     """`Trainer` for [`BlipForPreTraining`]: adds the momentum callback and logs each loss, alpha and temperature.
 
     Its checkpoints are atomic and sealed, and a resume verifies them first (`VerifiedCheckpointsMixin`);
@@ -61,8 +96,6 @@ class BlipPreTrainingTrainer(VerifiedCheckpointsMixin, BlipOptimizationMixin, Tr
         super().__init__(*args, **kwargs)
         if not any(isinstance(callback, MomentumUpdateCallback) for callback in self.callback_handler.callbacks):
             self.add_callback(MomentumUpdateCallback())
-        self._loss_sums: torch.Tensor | None = None  # (3,) sums of the ITC, ITM, LM losses since the last log
-        self._loss_count = 0
         self.empty_batches = 0
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
@@ -82,24 +115,11 @@ class BlipPreTrainingTrainer(VerifiedCheckpointsMixin, BlipOptimizationMixin, Tr
                 )
             self.empty_batches += 1
 
-    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
-        outputs = model(**inputs)
-        if model.training:
-            parts = torch.stack([outputs[name].detach().float() for name in LOGGED_LOSSES])
-            self._loss_sums = parts if self._loss_sums is None else self._loss_sums + parts
-            self._loss_count += 1
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # Trainer calls `log` with the training loss on every rank at once, so the reduction below is collective.
-        if "loss" in logs and self._loss_count > 0:
-            means = self.accelerator.reduce(self._loss_sums / self._loss_count, reduction="mean")
-            logs.update({name: round(value, 4) for name, value in zip(LOGGED_LOSSES, means.tolist())})
-            model = unwrap_model(self.model)
-            logs["alpha"] = model.distillation_alpha()
-            logs["temperature"] = round(model.temp.item(), 5)
-            self._loss_sums, self._loss_count = None, 0
-        super().log(logs, start_time)
-
-
-__all__ = ["LOGGED_LOSSES", "BlipPreTrainingTrainer", "check_processes_train_together", "optimizer_steps_per_epoch"]
+__all__ = [
+    "LOGGED_LOSSES",
+    "BlipPreTrainingTrainer",
+    "LossPartsLoggingMixin",
+    "check_processes_train_together",
+    "optimizer_steps_per_epoch",
+]
