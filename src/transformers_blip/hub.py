@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from typing import TYPE_CHECKING
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError
 
 from .pipelines import CUSTOM_PIPELINES
@@ -57,8 +57,14 @@ def model_card(
     pipeline_tag: str | None,
     repo_id: str = "path/to/model",
     tags: list[str] | None = None,
+    metrics: dict[str, float] | None = None,
+    dataset_name: str | None = None,
 ) -> ModelCard:
-    """A model card naming the task, the library and how to load the model; `tags` are added to BLIP's."""
+    """A model card naming the task, the library and how to load the model; `tags` are added to BLIP's.
+
+    `metrics` (name -> value, e.g. `{"test_CIDEr": 1.2}`), measured on `dataset_name`, go into a results table and
+    the card's `model-index`, where the hub shows them beside the model.
+    """
     all_tags = ["blip", "transformers-blip", "custom_code"]
     all_tags += [tag for tag in tags or [] if tag not in all_tags]
     card_data = ModelCardData(
@@ -66,6 +72,8 @@ def model_card(
         pipeline_tag=pipeline_tag,
         tags=all_tags,
         license="bsd-3-clause",
+        model_name=repo_id.rsplit("/", 1)[-1] if metrics else None,
+        eval_results=_eval_results(pipeline_tag, metrics, dataset_name) if metrics else None,
     )
     usage = _USAGE.get(pipeline_tag or "", "").format(repo_id=repo_id)
     task = f"Its task: `{pipeline_tag}`." if pipeline_tag else "It serves no pipeline task."
@@ -77,8 +85,67 @@ def model_card(
         "It loads with `trust_remote_code=True` where transformers-blip is not installed, and without it where the "
         "package is installed (`import transformers_blip`).\n\n"
         f"{usage}\n"
+        f"{_results_section(metrics, dataset_name) if metrics else ''}"
     )
     return ModelCard(content)
+
+
+def _eval_results(pipeline_tag: str | None, metrics: dict[str, float], dataset_name: str | None) -> list[EvalResult]:
+    dataset = dataset_name or "synthetic"
+    return [
+        EvalResult(
+            task_type=pipeline_tag or "other",
+            dataset_type=dataset,
+            dataset_name=dataset,
+            metric_type=name,
+            metric_value=value,
+        )  # fmt: skip
+        for name, value in metrics.items()
+    ]
+
+
+def _results_section(metrics: dict[str, float], dataset_name: str | None) -> str:
+    rows = "".join(f"| {name} | {value:.4g} |\n" for name, value in metrics.items())
+    where = f" on `{dataset_name}`" if dataset_name else ""
+    return f"\n## Results\n\nMeasured at the end of fine-tuning{where}:\n\n| metric | value |\n|---|---|\n{rows}"
+
+
+def numeric_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of a run's metrics, nested dictionaries flattened (`{"test": {"CIDEr": 1.2}}` -> `test_CIDEr`)."""
+    flat: dict[str, float] = {}
+    for name, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(numeric_metrics(value, f"{prefix}{name}_"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"{prefix}{name}"] = float(value)
+    return flat
+
+
+def push_task_card(
+    model: BlipPreTrainedModel,
+    repo_id: str,
+    metrics: dict,
+    dataset_name: str | None = None,
+    save_directory: str | os.PathLike | None = None,
+    token: bool | str | None = None,
+):
+    """Replaces the card of a fine-tuned model's hub repo by BLIP's card with the task's metrics, as one commit.
+
+    Trainer's `push_to_hub` uploads its own generic card; a fine-tuning script calls this once its final metrics
+    are known (`metrics` may nest, see `numeric_metrics`). The card is also written to `save_directory`/README.md.
+    """
+    card = model_card(
+        type(model).__name__, model.pipeline_tag, repo_id, list(model.model_tags or []), numeric_metrics(metrics),
+        dataset_name,
+    )  # fmt: skip
+    if save_directory is not None:
+        card.save(os.path.join(save_directory, "README.md"))
+    return HfApi(token=token).upload_file(
+        path_or_fileobj=str(card).encode("utf-8"),
+        path_in_repo="README.md",
+        repo_id=repo_id,
+        commit_message="Model card with the task's metrics",
+    )
 
 
 def write_model_card(save_directory: str | os.PathLike, model_class_name: str, pipeline_tag: str | None) -> None:
