@@ -58,7 +58,8 @@ class LossPartsLoggingMixin:
                 parts = torch.stack([outputs[name].detach().float() for name in self._loss_names])
                 self._loss_sums = parts if self._loss_sums is None else self._loss_sums + parts
                 self._loss_count += 1
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        loss = outputs["loss"]  # a ModelOutput, or a plain dict of the same fields
+        return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Trainer calls `log` with the training loss on every rank at once, so the reduction below is collective.
