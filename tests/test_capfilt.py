@@ -37,8 +37,8 @@ from transformers_blip.training import load_pretraining_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "training_scripts" / "capfilt.py"
-NUM_WEB = 12
-SHARD_SIZE = 2  # six shards: a kill after the first leaves most of the work undone
+NUM_WEB = 8
+SHARD_SIZE = 2  # four shards: a kill after the first leaves most of the work undone
 THRESHOLD = 0.5
 
 
