@@ -407,3 +407,42 @@ def test_blip_caption_captions_a_datasets_split_and_resumes(benchmark, caption_d
     assert "no column 'image' (--image-column); its columns: picture" in capsys.readouterr().err
     assert main([*base, "--split", "dev", "--image-column", "picture"]) == 2
     assert "no split 'dev' (--split); its splits: train, validation, test" in capsys.readouterr().err
+
+
+def test_a_pushed_fine_tuned_model_carries_a_card_with_its_metrics(nlvr_dataset, tmp_path, monkeypatch):
+    """Up to the network boundary: Trainer's repo creation and push, and the card's upload, are replaced."""
+    import transformers
+    import yaml
+    from huggingface_hub import HfApi
+
+    calls = []
+
+    def init_hf_repo(self, token=None, private=None):
+        self.hub_model_id = "someone/blip-nlvr"
+
+    def trainer_push(self, commit_message="End of training", **kwargs):
+        calls.append(("trainer push", commit_message))
+
+    def upload_file(self, path_or_fileobj, path_in_repo, repo_id, **kwargs):
+        calls.append(("upload", path_in_repo, repo_id, path_or_fileobj.decode("utf-8")))
+
+    monkeypatch.setattr(transformers.Trainer, "init_hf_repo", init_hf_repo)
+    monkeypatch.setattr(transformers.Trainer, "push_to_hub", trainer_push)
+    monkeypatch.setattr(HfApi, "upload_file", upload_file)
+    output = tmp_path / "run"
+    model = saved_model(BlipForVisualReasoning, tmp_path / "model")
+    metrics = load_script("finetune_nlvr").main([
+        "--output_dir", str(output), "--model_name_or_path", str(model), "--dataset_name", str(nlvr_dataset["saved"]),
+        "--validation_share", "0.25", "--per_device_train_batch_size", "3", *SHORT_RUN, "--push_to_hub", "true",
+    ])  # fmt: skip
+    assert [call[0] for call in calls] == ["trainer push", "upload"]  # the weights, then the card
+    _, path_in_repo, repo_id, card = calls[1]
+    assert (path_in_repo, repo_id) == ("README.md", "someone/blip-nlvr")
+    assert (output / "README.md").read_text() == card
+    _, front_matter, body = card.split("---\n", 2)
+    results = yaml.safe_load(front_matter)["model-index"][0]["results"][0]
+    assert results["dataset"]["name"] == str(nlvr_dataset["saved"])
+    assert {entry["type"]: entry["value"] for entry in results["metrics"]} == {
+        "test_accuracy": metrics["test_accuracy"]  # no validation during this short run: no validation accuracy
+    }
+    assert f"| test_accuracy | {metrics['test_accuracy']:.4g} |" in body

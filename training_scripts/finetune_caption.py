@@ -33,6 +33,7 @@ from transformers.utils import logging
 from transformers_blip import BlipForConditionalGeneration
 from transformers_blip.data import BlipEvalTransform, BlipTrainTransform, HubDatasetArguments, SkipReport
 from transformers_blip.data.hub_datasets import reads_hub_dataset
+from transformers_blip.hub import push_task_card
 from transformers_blip.processing_blip import build_tokenizer, text_config_token_kwargs
 from transformers_blip.training import (
     MODEL_SIZES,
@@ -201,6 +202,12 @@ def main(argv: list[str] | None = None) -> dict:
     if trainer.is_world_process_zero():
         write_run_outputs(training_args.output_dir, metrics, {"test": evaluation.results})
         report.finish(os.path.join(training_args.output_dir, "skipped.jsonl"))
+        if training_args.push_to_hub:  # after Trainer's push of the weights, the card with the scores
+            scores = {"val": metrics["val"], "test": metrics["test"]}
+            push_task_card(
+                model, trainer.hub_model_id, scores, hub_args.dataset_name, training_args.output_dir,
+                training_args.hub_token,
+            )  # fmt: skip
     return metrics
 
 

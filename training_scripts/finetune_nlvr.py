@@ -30,6 +30,7 @@ from transformers import HfArgumentParser, IntervalStrategy, TrainingArguments
 from transformers_blip.data import BlipTrainTransform, HubDatasetArguments, SkipReport
 from transformers_blip.data.hub_datasets import reads_hub_dataset
 from transformers_blip.evaluation.vqa_accuracy import nlvr_accuracy
+from transformers_blip.hub import push_task_card
 from transformers_blip.modeling_nlvr import BlipForVisualReasoning
 from transformers_blip.training import (
     BlipFineTuningTrainer,
@@ -169,6 +170,12 @@ def main(args: list[str] | None = None) -> dict:
         write_nlvr_results(predictions, test, os.path.join(training_args.output_dir, "nlvr_result.json"))
         write_run_summary(training_args.output_dir, "NLVR2 fine-tuning", metrics, ["Predictions: nlvr_result.json."])
         report.finish(os.path.join(training_args.output_dir, "skipped.jsonl"))
+        if training_args.push_to_hub and training_args.do_train:  # after Trainer's push of the weights, the card
+            accuracy = {name: metrics[name] for name in ("validation_accuracy", "test_accuracy") if name in metrics}
+            push_task_card(
+                model, trainer.hub_model_id, accuracy, hub_args.dataset_name, training_args.output_dir,
+                training_args.hub_token,
+            )  # fmt: skip
     return metrics
 
 

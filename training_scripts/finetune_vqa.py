@@ -30,6 +30,7 @@ from transformers import HfArgumentParser, IntervalStrategy, TrainingArguments
 
 from transformers_blip.data import BlipTrainTransform, DecodeImages, HubDatasetArguments, SkipReport
 from transformers_blip.data.hub_datasets import reads_hub_dataset
+from transformers_blip.hub import push_task_card
 from transformers_blip.modeling_blip import BlipForQuestionAnswering
 from transformers_blip.training import (
     BlipFineTuningTrainer,
@@ -201,6 +202,12 @@ def main(args: list[str] | None = None) -> dict:
         write_vqa_results(predictions, os.path.join(training_args.output_dir, "vqa_result.json"))
         write_run_summary(training_args.output_dir, "VQA fine-tuning", metrics, ["Answers: vqa_result.json."])
         report.finish(os.path.join(training_args.output_dir, "skipped.jsonl"))
+        if training_args.push_to_hub and training_args.do_train:  # after Trainer's push of the weights, the card
+            accuracy = {name: metrics[name] for name in ("validation_accuracy", "test_accuracy") if name in metrics}
+            push_task_card(
+                model, trainer.hub_model_id, accuracy, hub_args.dataset_name, training_args.output_dir,
+                training_args.hub_token,
+            )  # fmt: skip
     return metrics
 
 
