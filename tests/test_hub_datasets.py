@@ -333,15 +333,52 @@ def test_pretrain_streams_a_hub_layout_dataset(caption_dataset, tmp_path, monkey
     assert losses and all(np.isfinite(entry["loss"]) for entry in losses)
 
 
-def test_finetune_retrieval_ranks_the_test_images_of_a_saved_dataset(benchmark, caption_dataset, tmp_path):
+def test_finetune_retrieval_ranks_and_pushes_the_head_of_a_saved_dataset(caption_dataset, tmp_path, monkeypatch):
+    """Pushed, the head alone (not Trainer's training model with its momentum copies) goes up with its processor,
+    then the card with the recalls; the hub calls are replaced."""
+    import transformers
+    from huggingface_hub import HfApi, ModelCard
+    from huggingface_hub.errors import EntryNotFoundError
+
+    calls = []
+
+    def init_hf_repo(self, token=None, private=None):
+        self.hub_model_id = "me/retrieval"
+
+    def create_repo(self, repo_id, **kwargs):
+        return type("Repo", (), {"repo_id": repo_id})
+
+    def no_card_yet(repo_id, **kwargs):
+        raise EntryNotFoundError("no README.md")
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        calls.append(("head", repo_id, sorted(path.name for path in Path(folder_path).iterdir())))
+
+    def processor_push(self, repo_id, **kwargs):
+        calls.append(("processor", repo_id))
+
+    def upload_file(self, path_or_fileobj, path_in_repo, repo_id, **kwargs):
+        calls.append(("card", repo_id, path_or_fileobj.decode("utf-8")))
+
+    monkeypatch.setattr(transformers.Trainer, "init_hf_repo", init_hf_repo)
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(ModelCard, "load", no_card_yet)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(transformers.ProcessorMixin, "push_to_hub", processor_push)
+    monkeypatch.setattr(HfApi, "upload_file", upload_file)
     output = tmp_path / "run"
     metrics = load_script("finetune_retrieval").main([
         "--output_dir", str(output), "--dataset_name", str(caption_dataset["saved"]), "--image_column", "picture",
         "--caption_column", "sentences", "--image_id_column", "cocoid", *SHORT_RUN,
         "--per_device_train_batch_size", "4", "--vocab_size", "200", "--queue_size", "8", "--k_test", "2",
+        "--push_to_hub", "true",
     ])  # fmt: skip
     assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 2
     assert 0.0 <= metrics["test"]["r_mean"] <= 100.0
+    assert [call[0] for call in calls] == ["head", "processor", "card"]
+    assert calls[0][1] == "me/retrieval" and "model.safetensors" in calls[0][2]
+    assert json.loads((output / "config.json").read_text())["architectures"] == ["BlipForImageTextRetrieval"]
+    assert f"| test_r_mean | {metrics['test']['r_mean']:.4g} |" in calls[2][2]
 
 
 def test_capfilt_bootstraps_a_hub_layout_dataset(tmp_path, monkeypatch):

@@ -37,6 +37,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from transformers_blip.data import BlipTrainTransform, HubDatasetArguments, SkipReport
 from transformers_blip.data.hub_datasets import reads_hub_dataset
+from transformers_blip.hub import push_task_card
 from transformers_blip.processing_blip import build_processor
 from transformers_blip.training import (
     MODEL_SIZES,
@@ -208,10 +209,18 @@ def main(argv: list[str] | None = None) -> dict:
     summary = retrieval_run_summary(trainer.state, test_metrics, retrieval_args.k_test, start)
     if trainer.is_world_process_zero():
         # The fine-tuned head alone: no momentum weights, no queues.
-        model.to_retrieval_model().save_pretrained(training_args.output_dir)
-        build_processor(tokenizer, model_args.image_size).save_pretrained(training_args.output_dir)
+        head = model.to_retrieval_model()
+        head.save_pretrained(training_args.output_dir)
+        processor = build_processor(tokenizer, model_args.image_size)
+        processor.save_pretrained(training_args.output_dir)
         write_retrieval_outputs(training_args.output_dir, summary, evaluation.rankings)
         report.finish(os.path.join(training_args.output_dir, "skipped.jsonl"))
+        if training_args.push_to_hub:  # the head and its processor (not Trainer's training model), then the card
+            token = training_args.hub_token
+            head.push_to_hub(trainer.hub_model_id, token=token)
+            processor.push_to_hub(trainer.hub_model_id, token=token)
+            scores = {"val": summary["val"], "test": summary["test"]}
+            push_task_card(head, trainer.hub_model_id, scores, hub_args.dataset_name, training_args.output_dir, token)
     return summary
 
 
