@@ -440,6 +440,9 @@ def test_blip_caption_captions_a_datasets_split_and_resumes(benchmark, caption_d
     assert main(command) == 0
     assert [json.loads(line)["image"] for line in output.read_text().splitlines()] == [r["image"] for r in records]
     assert "1 already done" in capsys.readouterr().out
+    streamed = tmp_path / "streamed.jsonl"
+    assert main([*command, "--streaming", "--output", str(streamed)]) == 0  # the last --output counts
+    assert [json.loads(line) for line in streamed.read_text().splitlines()] == records
     assert main([*base, "--split", "validation"]) == 2
     assert "no column 'image' (--image-column); its columns: picture" in capsys.readouterr().err
     assert main([*base, "--split", "dev", "--image-column", "picture"]) == 2
