@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
+from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments, enable_full_determinism, set_seed
 
 from transformers_blip.convert.pretrained_encoders import (
     PretrainedSourceError,
@@ -164,6 +164,12 @@ def main() -> None:
     if training_args.remove_unused_columns:
         parser.error("--remove_unused_columns must stay False: Trainer would drop the image and caption columns")
     check_processes_train_together(training_args)
+    # Seeded before the model is built, whose initial weights and queues are the run's first random draws (Trainer
+    # seeds only when it is created); `--full_determinism` also turns on PyTorch's deterministic algorithms.
+    if training_args.full_determinism:
+        enable_full_determinism(training_args.seed)
+    else:
+        set_seed(training_args.seed)
 
     synthetic_kwargs = {  # --synthetic_seed -> seed, --synthetic_num_human -> num_human, ...
         name.removeprefix("synthetic_"): value
