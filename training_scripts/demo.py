@@ -42,7 +42,7 @@ def pretrain(output_dir: str, max_steps: int) -> None:
         "--per_device_train_batch_size", "16", "--learning_rate", "1e-3", "--lr_scheduler_type",
         "constant_with_warmup", "--warmup_steps", "50", "--adam_beta2", "0.98", "--min_crop_scale", "1.0",
         "--randaugment", "false", "--logging_steps", str(logging_steps(max_steps)), "--save_strategy", "no",
-        "--use_cpu", "--seed", "0",
+        "--use_cpu", "--seed", "0", "--full_determinism",
     ])  # fmt: skip
 
 
