@@ -60,7 +60,9 @@ class CapFiltArguments:
 
 
 @dataclass
-class InputArguments:
+class InputArguments(HubDatasetArguments):
+    """The noisy pairs: a `--source` of the script's own, or a `datasets` dataset (`--dataset_name`)."""
+
     source: str = field(
         default="synthetic",
         metadata={
@@ -76,12 +78,10 @@ class InputArguments:
     synthetic_image_size: int = field(default=64, metadata={"help": "Side of the synthetic images."})
 
 
-def input_shards(args: InputArguments, hub_args: HubDatasetArguments, report: SkipReport, count_load_skips: bool):
+def input_shards(args: InputArguments, report: SkipReport, count_load_skips: bool):
     """The input shards and, on the synthetic benchmark, its hidden noise flags by image key."""
-    if reads_hub_dataset(hub_args, args.source):  # its training split, read whole: shards need its length
-        pairs, _ = load_pretraining_pairs(
-            "hub", report=report, count_load_skips=count_load_skips, hub_arguments=hub_args
-        )
+    if reads_hub_dataset(args, args.source):  # its training split, read whole: shards need its length
+        pairs, _ = load_pretraining_pairs("hub", report=report, count_load_skips=count_load_skips, hub_arguments=args)
         return dataset_shards(pairs, args.shard_size), None
     if args.source == "synthetic":
         web = build_synthetic_benchmark(
@@ -99,8 +99,7 @@ def input_shards(args: InputArguments, hub_args: HubDatasetArguments, report: Sk
 
 
 def main() -> int:
-    parser = HfArgumentParser((CapFiltArguments, InputArguments, HubDatasetArguments))
-    args, input_args, hub_args = parser.parse_args_into_dataclasses()
+    args, input_args = HfArgumentParser((CapFiltArguments, InputArguments)).parse_args_into_dataclasses()
     state = PartialState(cpu=not torch.accelerator.is_available())  # joins torchrun's / accelerate's processes
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     settings = CapFiltSettings(
@@ -111,7 +110,7 @@ def main() -> int:
     try:
         captioner, captioner_processor = load_model(args.captioner, "captioning", args.vocab_file)
         filter_model, filter_processor = load_model(args.filter, "retrieval", args.vocab_file)
-        shards, noisy = input_shards(input_args, hub_args, report, count_load_skips=state.is_main_process)
+        shards, noisy = input_shards(input_args, report, count_load_skips=state.is_main_process)
         summary = bootstrap(
             shards, captioner, captioner_processor, filter_model, filter_processor, args.output_dir, settings,
             batch_size=args.batch_size, num_workers=args.num_workers, device=state.device, dtype=dtype,

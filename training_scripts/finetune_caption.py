@@ -85,7 +85,9 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class DataArguments(HubDatasetArguments):
+    """Where the data comes from: a `--source` of the script's own, or a `datasets` dataset (`--dataset_name`)."""
+
     source: str = field(default="synthetic", metadata={"help": "nocaps: evaluation only.", "choices": CAPTION_SOURCES})
     train_file: str | None = field(default=None, metadata={"help": "coco_karpathy_train.json."})
     val_file: str | None = field(default=None, metadata={"help": "coco_karpathy_val.json or nocaps_val.json."})
@@ -112,14 +114,7 @@ class CaptionArguments:
 
 def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser(
-        (
-            ModelArguments,
-            DataArguments,
-            HubDatasetArguments,
-            CaptionArguments,
-            OptimizationArguments,
-            TrainingArguments,
-        )
+        (ModelArguments, DataArguments, CaptionArguments, OptimizationArguments, TrainingArguments)
     )
     allow_resume_without_path(parser)
     # The tiny run's optimisation; `--recipe coco_caption` sets the original's. Validation CIDEr every epoch picks
@@ -139,7 +134,7 @@ def build_parser() -> HfArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
-    model_args, data_args, hub_args, caption_args, optimization_args, training_args = parse_with_recipe(parser, argv)
+    model_args, data_args, caption_args, optimization_args, training_args = parse_with_recipe(parser, argv)
     if training_args.remove_unused_columns:
         parser.error("--remove_unused_columns must stay False: Trainer would drop the image and caption columns")
     check_processes_train_together(training_args)
@@ -153,11 +148,11 @@ def main(argv: list[str] | None = None) -> dict:
     }  # fmt: skip
     with training_args.main_process_first(desc="building the dataset"):
         try:
-            source = "hub" if reads_hub_dataset(hub_args, data_args.source) else data_args.source
+            source = "hub" if reads_hub_dataset(data_args, data_args.source) else data_args.source
             train, val, test = load_caption_splits(
                 source, data_args.train_file, data_args.val_file, data_args.test_file, data_args.image_root,
                 caption_args.max_words, synthetic_kwargs, report=report, with_train=training_args.do_train,
-                hub_arguments=hub_args,
+                hub_arguments=data_args,
             )  # fmt: skip
         except (OSError, ValueError) as error:  # a missing or unreadable file, a wrong layout: named, no traceback
             raise SystemExit(f"error: {error}") from error
@@ -205,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
         if training_args.push_to_hub:  # after Trainer's push of the weights, the card with the scores
             scores = {"val": metrics["val"], "test": metrics["test"]}
             push_task_card(
-                model, trainer.hub_model_id, scores, hub_args.dataset_name, training_args.output_dir,
+                model, trainer.hub_model_id, scores, data_args.dataset_name, training_args.output_dir,
                 training_args.hub_token,
             )  # fmt: skip
     return metrics

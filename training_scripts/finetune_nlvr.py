@@ -69,7 +69,9 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class DataArguments(HubDatasetArguments):
+    """Where the data comes from: a `--source` of the script's own, or a `datasets` dataset (`--dataset_name`)."""
+
     source: str = field(
         default="synthetic", metadata={"help": "BLIP's NLVR2 JSON or the benchmark.", "choices": SOURCES}
     )
@@ -87,9 +89,7 @@ class DataArguments:
 
 
 def build_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(
-        (ModelArguments, DataArguments, HubDatasetArguments, OptimizationArguments, TrainingArguments)
-    )
+    parser = HfArgumentParser((ModelArguments, DataArguments, OptimizationArguments, TrainingArguments))
     allow_resume_without_path(parser)
     # The collator reads the image pair and statement columns, which the model's forward does not name.
     parser.set_defaults(
@@ -104,7 +104,7 @@ def build_parser() -> HfArgumentParser:
 
 def main(args: list[str] | None = None) -> dict:
     parser = build_parser()
-    model_args, data_args, hub_args, optimization_args, training_args = parse_with_recipe(parser, args)
+    model_args, data_args, optimization_args, training_args = parse_with_recipe(parser, args)
     check_processes_train_together(training_args)
     if not training_args.do_train and model_args.model_name_or_path is None:
         parser.error("evaluation only (--do_train false) needs the model to evaluate: --model_name_or_path")
@@ -113,11 +113,11 @@ def main(args: list[str] | None = None) -> dict:
     synthetic.update(num_nlvr=data_args.synthetic_num_nlvr, num_nlvr_test=data_args.synthetic_num_nlvr_test)
     try:
         with training_args.main_process_first(desc="building the dataset"):
-            source = "hub" if reads_hub_dataset(hub_args, data_args.source) else data_args.source
+            source = "hub" if reads_hub_dataset(data_args, data_args.source) else data_args.source
             splits = load_nlvr_splits(
                 source, data_args.train_files, data_args.validation_files, data_args.test_files,
                 data_args.image_root, data_args.validation_share, training_args.seed, synthetic, report,
-                model_args.max_words, hub_arguments=hub_args,
+                model_args.max_words, hub_arguments=data_args,
             )  # fmt: skip
         model, tokenizer = start_task_model(
             BlipForVisualReasoning, model_args.image_size, model_args.model_size, model_args.model_name_or_path,
@@ -173,7 +173,7 @@ def main(args: list[str] | None = None) -> dict:
         if training_args.push_to_hub and training_args.do_train:  # after Trainer's push of the weights, the card
             accuracy = {name: metrics[name] for name in ("validation_accuracy", "test_accuracy") if name in metrics}
             push_task_card(
-                model, trainer.hub_model_id, accuracy, hub_args.dataset_name, training_args.output_dir,
+                model, trainer.hub_model_id, accuracy, data_args.dataset_name, training_args.output_dir,
                 training_args.hub_token,
             )  # fmt: skip
     return metrics

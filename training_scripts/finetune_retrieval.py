@@ -81,7 +81,9 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class DataArguments(HubDatasetArguments):
+    """Where the data comes from: a `--source` of the script's own, or a `datasets` dataset (`--dataset_name`)."""
+
     source: str = field(
         default="synthetic",
         metadata={"help": "The benchmark, or Karpathy JSON (COCO or Flickr30K).", "choices": SOURCES},
@@ -115,14 +117,7 @@ class RetrievalArguments:
 
 def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser(
-        (
-            ModelArguments,
-            DataArguments,
-            HubDatasetArguments,
-            RetrievalArguments,
-            OptimizationArguments,
-            TrainingArguments,
-        )
+        (ModelArguments, DataArguments, RetrievalArguments, OptimizationArguments, TrainingArguments)
     )
     allow_resume_without_path(parser)
     # The tiny run's optimisation; `--recipe coco_retrieval` / `flickr_retrieval` set the original's. Validation
@@ -140,7 +135,7 @@ def build_parser() -> HfArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
-    model_args, data_args, hub_args, retrieval_args, optimization_args, training_args = parse_with_recipe(parser, argv)
+    model_args, data_args, retrieval_args, optimization_args, training_args = parse_with_recipe(parser, argv)
     if training_args.remove_unused_columns:
         parser.error("--remove_unused_columns must stay False: Trainer would drop the image and caption columns")
     check_processes_train_together(training_args)
@@ -158,11 +153,11 @@ def main(argv: list[str] | None = None) -> dict:
     }  # fmt: skip
     try:
         with training_args.main_process_first(desc="building the dataset"):
-            source = "hub" if reads_hub_dataset(hub_args, data_args.source) else data_args.source
+            source = "hub" if reads_hub_dataset(data_args, data_args.source) else data_args.source
             train, val, test = load_caption_splits(
                 source, data_args.train_file, data_args.val_file, data_args.test_file, data_args.image_root,
                 retrieval_args.max_words, synthetic_kwargs, report=report, with_train=training_args.do_train,
-                hub_arguments=hub_args,
+                hub_arguments=data_args,
             )  # fmt: skip
         resume = checkpoint_to_resume(training_args) if training_args.do_train else None
         head, tokenizer, start = start_retrieval_head(
@@ -220,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
             head.push_to_hub(trainer.hub_model_id, token=token)
             processor.push_to_hub(trainer.hub_model_id, token=token)
             scores = {"val": summary["val"], "test": summary["test"]}
-            push_task_card(head, trainer.hub_model_id, scores, hub_args.dataset_name, training_args.output_dir, token)
+            push_task_card(head, trainer.hub_model_id, scores, data_args.dataset_name, training_args.output_dir, token)
     return summary
 
 
