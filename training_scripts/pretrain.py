@@ -117,7 +117,9 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class DataArguments(HubDatasetArguments):
+    """Where the pairs come from: a `--source` of the script's own, or a `datasets` dataset (`--dataset_name`)."""
+
     source: str = field(
         default="synthetic",
         metadata={"help": "synthetic, coco_karpathy, caption_json, image_folder, parquet or webdataset."},
@@ -140,9 +142,7 @@ class DataArguments:
 
 
 def build_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(
-        (ModelArguments, DataArguments, HubDatasetArguments, OptimizationArguments, TrainingArguments)
-    )
+    parser = HfArgumentParser((ModelArguments, DataArguments, OptimizationArguments, TrainingArguments))
     allow_resume_without_path(parser)
     # The tiny run's optimisation: BLIP's peak rate and weight decay under Trainer's AdamW and cosine schedule, which
     # let the tiny model learn in a thousand steps; `--recipe pretrain_base` sets the original's schedule, decay of
@@ -160,7 +160,7 @@ def build_parser() -> HfArgumentParser:
 
 def main() -> None:
     parser = build_parser()
-    model_args, data_args, hub_args, optimization_args, training_args = parse_with_recipe(parser)
+    model_args, data_args, optimization_args, training_args = parse_with_recipe(parser)
     if training_args.remove_unused_columns:
         parser.error("--remove_unused_columns must stay False: Trainer would drop the image and caption columns")
     check_processes_train_together(training_args)
@@ -180,7 +180,7 @@ def main() -> None:
     # One report for the run: records lost while loading, shards that break while streaming, images that do not decode.
     skip_report = SkipReport(log_dir=os.path.join(training_args.output_dir, "skipped"), strict=data_args.strict_data)
     try:
-        source = "hub" if reads_hub_dataset(hub_args, data_args.source, can_stream=True) else data_args.source
+        source = "hub" if reads_hub_dataset(data_args, data_args.source, can_stream=True) else data_args.source
     except ValueError as error:
         parser.error(str(error))
     with training_args.main_process_first(desc="building the dataset"):
@@ -191,7 +191,7 @@ def main() -> None:
             synthetic_kwargs,
             report=skip_report,
             count_load_skips=training_args.process_index == 0,
-            hub_arguments=hub_args,
+            hub_arguments=data_args,
         )
     columns = train_dataset.column_names  # None for a stream whose first example is not read yet
     if model_args.use_image_ids and columns is not None and "image_id" not in columns:
