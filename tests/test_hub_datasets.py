@@ -281,10 +281,13 @@ def test_finetune_caption_trains_and_evaluates_on_a_saved_dataset(benchmark, cap
     assert "CIDEr" in json.loads((output / "metrics.json").read_text())["test"]
     state = json.loads((output / "trainer_state.json").read_text())
     assert state["global_step"] == 2
+    script = load_script("finetune_caption")
     with pytest.raises(SystemExit, match="replaces --source"):
-        load_script("finetune_caption").main(
+        script.main(
             ["--output_dir", str(tmp_path / "x"), "--dataset_name", "x", "--source", "coco_karpathy", *SHORT_RUN]
         )
+    with pytest.raises(SystemExit, match="reads its training split whole.*drop --streaming"):
+        script.main(["--output_dir", str(tmp_path / "x"), "--dataset_name", "x", "--streaming", *SHORT_RUN])
 
 
 def test_finetune_vqa_holds_validation_out_of_a_hub_layout_dataset(benchmark, vqa_dataset, tmp_path):

@@ -37,15 +37,16 @@ from .text import MAX_WORDS, pre_question
 logger = logging.getLogger(__name__)
 
 HUB_TASKS = ("caption", "pretrain", "vqa", "nlvr", "images")
-# The splits each task reads: pretraining trains only, captioning and retrieval need a validation split to pick the
-# best checkpoint, VQA and NLVR2 may hold their validation out of the training split instead.
+# The splits each task reads: pretraining (and captioning a dataset's images) reads one; captioning and retrieval
+# need a validation split to pick the best checkpoint, while VQA and NLVR2 hold theirs out of train without one.
 _TASK_SPLITS = {
     "caption": ("train", "validation", "test"),
     "pretrain": ("train",),
-    "vqa": ("train", "validation?", "test"),
-    "nlvr": ("train", "validation?", "test"),
+    "vqa": ("train", "validation", "test"),
+    "nlvr": ("train", "validation", "test"),
     "images": ("train",),
 }
+_VALIDATION_HELD_OUT_OF_TRAIN = ("vqa", "nlvr")
 
 
 @dataclass
@@ -406,11 +407,10 @@ def load_hub_splits(
     }
     result: dict[str, Dataset | IterableDataset | None] = {"train": None, "validation": None, "test": None}
     for role in _TASK_SPLITS[task]:
-        optional, role = role.endswith("?"), role.removesuffix("?")
         split, flag = split_flags[role]
         if role == "train" and not with_train:
             continue
-        if optional and split not in dataset:
+        if role == "validation" and task in _VALIDATION_HELD_OUT_OF_TRAIN and split not in dataset:
             logger.warning(f"{dataset.name} has no split {split!r} ({flag}): validation is held out of train")
             continue
         data = dataset.read(split, flag, streaming=arguments.streaming and role == "train")
