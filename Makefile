@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_retrieval_eval.py --images 200 --texts 1000
 	$(PY) benchmarks/bench_capfilt.py --images 4
 	$(PY) benchmarks/bench_caption_cli.py
+	$(PY) benchmarks/bench_pretraining.py --steps 1
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src training_scripts tests benchmarks
