@@ -450,6 +450,10 @@ def test_blip_caption_captions_a_datasets_split_and_resumes(benchmark, caption_d
     assert "no column 'image' (--image-column); its columns: picture" in capsys.readouterr().err
     assert main([*base, "--split", "dev", "--image-column", "picture"]) == 2
     assert "no split 'dev' (--split); its splits: train, validation, test" in capsys.readouterr().err
+    assert main(["caption", "--dataset-name", name, "--model", str(tmp_path / "captioner"), "--sidecar", ".txt"]) == 2
+    assert "a dataset's rows have no file to put a sidecar beside: give --output" in capsys.readouterr().err
+    assert main(["caption", "--model", str(tmp_path / "captioner"), "--output", str(output)]) == 2
+    assert "nothing to caption" in capsys.readouterr().err
 
 
 def test_a_pushed_fine_tuned_model_carries_a_card_with_its_metrics(nlvr_dataset, tmp_path, monkeypatch):
