@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint docs clean
+.PHONY: install demo test bench lint docs clean reproduce-capfilt
 
 # torch first, from the CPU wheel: anything unpinned would pull a multi-GB CUDA build.
 $(STAMP): setup.py requirements/ci.txt
@@ -29,6 +29,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_capfilt.py --images 4
 	$(PY) benchmarks/bench_caption_cli.py
 	$(PY) benchmarks/bench_pretraining.py --steps 1
+
+# CapFilt's ablation (the paper's table 1) in miniature; started again, it skips every finished step.
+reproduce-capfilt: $(STAMP)
+	$(PY) training_scripts/reproduce_capfilt.py --output-dir outputs/capfilt_ablation
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src training_scripts tests benchmarks
