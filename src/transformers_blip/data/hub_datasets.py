@@ -7,14 +7,16 @@ reads: `data/train-00000-of-00001.parquet`, ...) or a directory written by `save
 renames them to the project's (`image`, `caption`/`captions`, `image_id`, `question`, `answers`, `image0`,
 `image1`, `sentence`, `label`) and cleans the text as the loaders of real formats do.
 
-Images stay undecoded (`datasets.Image(decode=False)`: a path or the bytes, whatever the column held, an `Image`
-feature, a path or bytes) until `DecodeImages` decodes them in the DataLoader workers with the project's one decoder,
-skipping and counting a broken one. Text that cannot be used (an empty caption, a question without words, a label
-that is not true or false) skips its row, recorded in the run's `SkipReport`. A column the dataset lacks is an error
-that names it and lists the columns there are.
+Images stay undecoded (`datasets.Image(decode=False)`: the path or the bytes, whether the column held an `Image`
+feature, paths or bytes) until `DecodeImages` decodes them in the DataLoader workers with the project's one decoder,
+skipping and counting a broken one (`blip caption --dataset-name` reads the `"images"` task the same way). Text that
+cannot be used (an empty caption, a question without words, a label that is not true or false) skips its row,
+recorded in the run's `SkipReport`. A column the dataset lacks is an error that names it and lists the columns
+there are.
 
 `--streaming` reads the training split as an `IterableDataset`, cleaned as it streams, for datasets too large to
-download first; evaluation splits are read whole, as evaluation needs their length.
+download first; evaluation splits are read whole, as evaluation needs their length. Scripts that cannot train on a
+stream refuse it (`reads_hub_dataset`).
 """
 
 from __future__ import annotations
