@@ -21,7 +21,8 @@ gradient checkpointing is not counted: the FLOP/s are the model's useful work.
 
     python benchmarks/bench_pretraining.py [--steps 2] [--batch-size 8] [--image-size 224] [--threads N]
     # the shortest comparison: one timed step of each model at batch 2, 64 px
-    python benchmarks/bench_pretraining.py --steps 1 --batch-size 2 --image-size 64 --configs ours:sdpa:off reference:eager:off
+    python benchmarks/bench_pretraining.py --steps 1 --batch-size 2 --image-size 64 \\
+        --configs ours:sdpa:off reference:eager:off
 """
 
 from __future__ import annotations
