@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .atomic_writes import write_text_atomically
 from .image_inputs import DecodedImages, ImageFailures, collect_images, count_images, decoded_batches, is_container
 from .image_processing_blip import DEFAULT_MAX_PIXELS
-from .retrieval_index import itm_match_probabilities
+from .itm_scoring import itm_match_probabilities
 
 logger = logging.getLogger(__name__)
 

@@ -33,12 +33,11 @@ from .atomic_writes import write_bytes_atomically
 from .data.text import pre_caption
 from .image_inputs import DecodedImages, ImageFailures, collect_images, decoded_batches, is_container
 from .image_processing_blip import decode_image
+from .itm_scoring import QUERY_MAX_TOKENS, QUERY_MAX_WORDS, itm_match_probabilities
 
 logger = logging.getLogger(__name__)
 
 INDEX_FORMAT = "blip-image-index/1"
-QUERY_MAX_WORDS = 30  # BLIP's retrieval recipe cleans texts to 30 words and 35 tokens
-QUERY_MAX_TOKENS = 35
 
 Stamp = tuple[int, int]  # (size in bytes, modification time in ns): a file that changed is embedded again
 
@@ -282,27 +281,6 @@ def _query_tokens(processor: Any, texts: Sequence[str], device: torch.device) ->
     return tokens.to(device)
 
 
-@torch.inference_mode()
-def itm_match_probabilities(
-    model: Any, processor: Any, pixel_values: torch.Tensor, texts: Sequence[str]
-) -> torch.Tensor:
-    """The ITM head's match probability (softmax over its logits) of each text with its image, float32 on the CPU.
-
-    `texts` holds the same number of texts for every image of `pixel_values` (B, 3, H, W), grouped by image: B texts
-    pair one each, B * n pair n each.
-    """
-    if not hasattr(model, "itm_head"):
-        raise ValueError(f"{type(model).__name__} has no ITM head: use BlipForImageTextRetrieval")
-    if not pixel_values.shape[0] or len(texts) % pixel_values.shape[0]:
-        raise ValueError(f"{len(texts)} texts do not group evenly over {pixel_values.shape[0]} images")
-    device, dtype = _model_place(model)
-    tokens = _query_tokens(processor, texts, device)
-    image_embeds = model.vision_model(pixel_values.to(device=device, dtype=dtype)).last_hidden_state
-    image_embeds = image_embeds.repeat_interleave(len(texts) // pixel_values.shape[0], dim=0)
-    logits, _ = model.itm_logits(tokens["input_ids"], tokens["attention_mask"], image_embeds)
-    return logits.float().softmax(dim=-1)[:, 1].cpu()
-
-
 def _read_metadata(raw: bytes) -> dict[str, str]:
     """The `__metadata__` of a safetensors file's header (the 8-byte length, then the JSON header)."""
     header_length = int.from_bytes(raw[:8], "little")
@@ -311,4 +289,4 @@ def _read_metadata(raw: bytes) -> dict[str, str]:
     return json.loads(raw[8 : 8 + header_length]).get("__metadata__") or {}
 
 
-__all__ = ["INDEX_FORMAT", "ImageIndex", "itm_match_probabilities", "model_fingerprint"]
+__all__ = ["INDEX_FORMAT", "ImageIndex", "model_fingerprint"]

@@ -5,6 +5,7 @@ the texts (web or synthetic) that do not match their image, and what is left pre
 a run kept and removed. `data.load_capfilt_output` reads the result back.
 """
 
+from ..itm_scoring import score_texts
 from .bootstrap import (
     OUTPUT_FORMATS,
     CapFiltSettings,
@@ -20,7 +21,6 @@ from .bootstrap import (
     generate_captions,
     iter_scores,
     process_shard,
-    score_texts,
     webdataset_shards,
     write_manifest,
 )

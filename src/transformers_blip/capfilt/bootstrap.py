@@ -49,8 +49,8 @@ from ..data.decoding import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, load_image
 from ..data.skips import BadSampleError, SkippedSample, SkipReport
 from ..data.streaming import expand_shards, load_webdataset
 from ..data.text import MAX_WORDS, pre_caption
+from ..itm_scoring import score_texts
 from ..losses import rank_and_world_size
-from ..modeling_blip import image_grounded_encoding
 from ..processing_blip import decode_captions
 
 logger = logging.getLogger(__name__)
@@ -328,47 +328,6 @@ def generate_captions(
         )
     captions = decode_captions(tokenizer, generated, prompt=prompt or None)
     return [captions[index * count : (index + 1) * count] for index in range(len(keys))]
-
-
-def _float64_linear(layer: torch.nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
-    """`layer(inputs)` in float64. A float32 matrix product rounds differently for different batch sizes (its
-    blocking changes), and a score must not depend on the batch its text was scored in; the heads are small."""
-    return torch.nn.functional.linear(inputs.double(), layer.weight.double(), layer.bias.double())
-
-
-def _exact_itc_feature(projection: torch.nn.Linear, states: torch.Tensor) -> torch.Tensor:
-    """`itc_feature` with the projection in float64 (see `_float64_linear`), (B, E)."""
-    return torch.nn.functional.normalize(_float64_linear(projection, states[:, 0]), dim=-1)
-
-
-@torch.inference_mode()
-def score_texts(
-    filter_model: Any, tokenizer: Any, pixel_values: torch.Tensor, texts: Sequence[Sequence[str]], max_length: int = 35
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ITM match probabilities and ITC similarities, each (B, T), of T texts per image (the same T for all).
-
-    The image is encoded once and its cross-attention keys/values computed once for its T texts.
-    """
-    num_images, per_image = len(texts), len(texts[0])
-    if any(len(own) != per_image for own in texts):
-        raise ValueError("score_texts takes the same number of texts for every image")
-    flat = [text for own in texts for text in own]
-    encoded = tokenizer(flat, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    input_ids = encoded["input_ids"].to(pixel_values.device)  # (B * T, L)
-    attention_mask = encoded["attention_mask"].to(pixel_values.device)
-    image_embeds = filter_model.vision_model(pixel_values).last_hidden_state  # (B, 1 + N, D_v)
-    image_key_values = filter_model.text_encoder.image_key_values(image_embeds)
-    multimodal = image_grounded_encoding(
-        filter_model.text_encoder, input_ids, attention_mask, image_key_values=image_key_values
-    ).last_hidden_state  # (B * T, L, D_t)
-    itm_logits = _float64_linear(filter_model.itm_head, multimodal[:, 0])  # (B * T, 2)
-    itm_probability = itm_logits.softmax(dim=-1)[:, 1].float()  # (B * T,)
-    text_states = filter_model.text_encoder(input_ids, attention_mask=attention_mask, mode="text").last_hidden_state
-    text_feat = _exact_itc_feature(filter_model.text_proj, text_states).view(num_images, per_image, -1)
-    image_feat = _exact_itc_feature(filter_model.vision_proj, image_embeds)  # (B, E)
-    # A product and a sum per row, not a batched matmul, whose blocking (and last bits) would depend on B.
-    itc_similarity = (image_feat[:, None, :] * text_feat).sum(dim=-1).float()  # (B, T)
-    return itm_probability.view(num_images, per_image), itc_similarity
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -802,7 +761,6 @@ __all__ = [
     "generate_captions",
     "iter_scores",
     "process_shard",
-    "score_texts",
     "webdataset_shards",
     "write_manifest",
 ]
