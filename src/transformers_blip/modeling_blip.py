@@ -285,8 +285,10 @@ class BlipPreTrainedModel(PreTrainedModel):
             )
 
 
-class _ItcMixin:
-    """ITC features and the learned temperature, clamped as the original does."""
+class ItcFeaturesMixin:
+    """ITC features and the learned temperature, clamped as the original does, for every head with ITC (the feature
+    and retrieval models here, the pretraining models in modeling_pretraining.py). The head provides `vision_model`,
+    `text_encoder`, `vision_proj`, `text_proj` and `temp`."""
 
     def clamped_temperature(self) -> torch.Tensor:
         with torch.no_grad():
@@ -303,7 +305,7 @@ class _ItcMixin:
         return itc_feature(self.text_proj, text_embeds)
 
 
-class BlipModel(_ItcMixin, BlipPreTrainedModel):
+class BlipModel(ItcFeaturesMixin, BlipPreTrainedModel):
     """Image, text and multimodal features, and the ITC similarity with the learned temperature."""
 
     # pipeline("zero-shot-image-classification") ranks candidate labels by `logits_per_image`, as for CLIP.
@@ -571,7 +573,7 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
         )
 
 
-class BlipForImageTextRetrieval(_ItcMixin, BlipPreTrainedModel):
+class BlipForImageTextRetrieval(ItcFeaturesMixin, BlipPreTrainedModel):
     """Image-text retrieval: ITC features (the unimodal encoders) and the ITM head (the image-grounded encoder)."""
 
     # No pipeline serves ITM; its ITC features are what the hub calls feature extraction.
@@ -869,6 +871,7 @@ __all__ = [
     "BlipPreTrainedModel",
     "BlipQuestionAnsweringOutput",
     "BlipRetrievalOutput",
+    "ItcFeaturesMixin",
     "image_grounded_encoding",
     "itc_feature",
     "replace_first_token",

@@ -54,7 +54,7 @@ from .losses import (
 )
 from .modeling_blip import (
     BlipPreTrainedModel,
-    _ItcMixin,
+    ItcFeaturesMixin,
     check_batch_sizes,
     image_grounded_encoding,
     itc_feature,
@@ -159,7 +159,7 @@ class ContrastiveMatchingResult:
     alpha: float
 
 
-class BlipContrastiveMatchingModel(_ItcMixin, BlipPreTrainedModel):
+class BlipContrastiveMatchingModel(ItcFeaturesMixin, BlipPreTrainedModel):
     """The ViT, the MED text encoder, ITC projections and ITM head, their momentum copies and the queues: ITC with
     momentum distillation and ITM with hard negatives, the training shared by pretraining and retrieval.
 
