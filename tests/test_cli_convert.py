@@ -15,6 +15,7 @@ from transformers_blip import (
     build_processor,
 )
 from transformers_blip.cli import main
+from transformers_blip.convert.original import original_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +83,23 @@ def test_bad_sources_and_outputs_are_named(captioner, tmp_path, capsys):
     assert main(["convert", str(nlvr), str(tmp_path / "nlvr-theirs"), "--to", "transformers"]) == 2
     assert "no counterpart" in capsys.readouterr().err and not (tmp_path / "nlvr-theirs").exists()
     assert not [path.name for path in tmp_path.iterdir() if "partial" in path.name]
+
+
+def test_an_incomplete_or_mismatched_pth_writes_nothing_unless_asked(captioner, tmp_path, capsys):
+    model, ours = captioner
+    state_dict = original_state_dict(model)
+    del state_dict["visual_encoder.norm.weight"]  # now missing
+    torch.save({"model": state_dict}, tmp_path / "partial.pth")
+    args = ["convert", str(tmp_path / "partial.pth"), str(tmp_path / "out"), "--config", str(ours)]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "MISSING vision_model.post_layernorm.weight" in captured.out  # the summary the refusal points to
+    assert "1 missing (listed above); nothing written (--allow-partial" in captured.err
+    longer_vocab = tmp_path / "longer_vocab.txt"
+    longer_vocab.write_text(VOCAB_FILE.read_text().rstrip("\n") + "\nzebra\n")
+    assert main(args + ["--allow-partial", "--vocab_file", str(longer_vocab)]) == 2
+    assert "longer_vocab.txt gives 129 tokens" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert main(args + ["--allow-partial", "--vocab_file", str(VOCAB_FILE)]) == 0
+    report = json.loads((tmp_path / "out" / "conversion_report.json").read_text())
+    assert report["missing"] == ["vision_model.post_layernorm.weight"]
+    assert len(BlipImageTextProcessor.from_pretrained(tmp_path / "out").tokenizer) == 128

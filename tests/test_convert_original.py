@@ -42,6 +42,7 @@ from transformers_blip.convert.original_layout import (
     to_ours,
     top_module,
 )
+from transformers_blip.convert.writing import REPORT_NAME, IncompleteConversionError, save_original_conversion
 from transformers_blip.modeling_nlvr import NEW_IN_NLVR_HEAD
 from transformers_blip.modeling_pretraining import BlipForPreTraining
 
@@ -412,3 +413,37 @@ def test_command_line_writes_a_loadable_directory(tmp_path, pixel_values, text_i
     assert set(extras) <= set(report["dropped_expected"]) and report["dropped_unexpected"] == {}
     processor = BlipImageTextProcessor.from_pretrained(output)
     assert len(processor.tokenizer) == 128 and processor.tokenizer.convert_ids_to_tokens(126) == "[DEC]"
+
+
+@torch.no_grad()
+def test_a_conversion_is_written_only_when_its_checks_pass(tmp_path, pixel_values, text_ids):
+    model = random_head(BlipForConditionalGeneration)
+    state_dict = original_state_dict(model)
+    del state_dict["visual_encoder.norm.weight"]  # now missing
+    torch.save({"model": state_dict}, tmp_path / "partial.pth")
+    loaded, report = load_original_checkpoint(tmp_path / "partial.pth", config=model.config)
+    output = tmp_path / "converted"
+    with pytest.raises(IncompleteConversionError, match="0 tensors dropped unexpectedly and 1 missing"):
+        save_original_conversion(loaded, report, output, vocab_file=VOCAB_FILE)
+    assert not output.exists()
+
+    longer_vocab = tmp_path / "longer_vocab.txt"  # a vocabulary the checkpoint was not trained with
+    longer_vocab.write_text(VOCAB_FILE.read_text().rstrip("\n") + "\nzebra\n")
+    with pytest.raises(ValueError, match="gives 129 tokens with .* not the vocabulary") as refusal:
+        save_original_conversion(loaded, report, output, vocab_file=longer_vocab, allow_partial=True)
+    assert str(longer_vocab) in str(refusal.value) and not output.exists()
+    with pytest.raises(ValueError, match="cannot read the vocab file.*absent.txt"):
+        save_original_conversion(loaded, report, output, vocab_file=tmp_path / "absent.txt", allow_partial=True)
+    assert not output.exists()
+
+    save_original_conversion(loaded, report, output, vocab_file=VOCAB_FILE, allow_partial=True)
+    written = json.loads((output / REPORT_NAME).read_text())
+    assert written["missing"] == report.missing == ["vision_model.post_layernorm.weight"]
+    assert len(BlipImageTextProcessor.from_pretrained(output).tokenizer) == 128
+    reloaded = BlipForConditionalGeneration.from_pretrained(output).eval()
+    assert torch.equal(reloaded(pixel_values, text_ids).logits, loaded(pixel_values, text_ids).logits)
+    with pytest.raises(FileExistsError):
+        save_original_conversion(loaded, report, output, allow_partial=True)
+    save_original_conversion(loaded, report, output, allow_partial=True, transformers_layout=True, overwrite=True)
+    assert not (output / "preprocessor_config.json").exists()  # replaced whole, not written over
+    assert json.loads((output / "config.json").read_text())["model_type"] == "blip"  # transformers' layout

@@ -18,22 +18,21 @@ Ours -> original (`{"model": state_dict}`, which the original code's `load_check
 What was dropped, resized or missing is printed and saved in the report; see docs/checkpoints.md. A conversion that
 drops tensors unexpectedly or leaves some missing writes nothing and exits with status 1, unless `--allow_partial`
 asks for the partial model; a checkpoint with NaN or Inf values, or a file that is not a checkpoint, exits with
-status 1 and a message naming it.
+status 1 and a message naming it. The output directory is written under a temporary name and renamed into place;
+one that is not empty is replaced only with `--overwrite`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from transformers_blip import BlipConfig, build_processor, build_tokenizer
+from transformers_blip import BlipConfig
 from transformers_blip.convert.original import HEADS, load_original_checkpoint, save_original_checkpoint
-from transformers_blip.convert.transformers_layout import save_in_transformers_layout
+from transformers_blip.convert.writing import IncompleteConversionError, save_original_conversion
 
 
 @dataclass
@@ -69,6 +68,7 @@ class ConversionArguments:
         default=False, metadata={"help": "Write transformers' own BLIP layout instead of ours."}
     )
     to_original: bool = field(default=False, metadata={"help": "Convert a model directory into an original .pth."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an output directory that is not empty."})
 
 
 def export_original(args: ConversionArguments) -> None:
@@ -79,16 +79,6 @@ def export_original(args: ConversionArguments) -> None:
         raise SystemExit(f"{args.checkpoint}: architecture {architecture} is not one of {sorted(head_classes)}")
     save_original_checkpoint(head_classes[architecture].from_pretrained(args.checkpoint), args.output)
     print(f"wrote {args.output}")
-
-
-def save_processor(vocab_file: str, config: BlipConfig, output: str) -> None:
-    tokenizer = build_tokenizer(vocab_file=vocab_file)
-    if len(tokenizer) != config.text_config.vocab_size:
-        raise SystemExit(
-            f"{vocab_file} gives {len(tokenizer)} tokens with [DEC] and [ENC], the model has "
-            f"{config.text_config.vocab_size}: not the vocabulary this checkpoint was trained with"
-        )
-    build_processor(tokenizer, image_size=config.vision_config.image_size).save_pretrained(output)
 
 
 def import_original(args: ConversionArguments) -> None:
@@ -102,20 +92,21 @@ def import_original(args: ConversionArguments) -> None:
         vision_num_attention_heads=args.vision_num_attention_heads,
     )
     print(report.summary())
-    if not report.is_complete and not args.allow_partial:
-        raise SystemExit(
-            f"error: {args.checkpoint}: {len(report.dropped_unexpected)} tensors dropped unexpectedly and "
-            f"{len(report.missing)} missing (listed above); nothing written. Pass --allow_partial to write the "
-            "model anyway, with the missing tensors initialised randomly."
+    try:
+        save_original_conversion(
+            model,
+            report,
+            args.output,
+            vocab_file=args.vocab_file,
+            allow_partial=args.allow_partial,
+            transformers_layout=args.transformers_layout,
+            overwrite=args.overwrite,
         )
-    if args.vocab_file:
-        save_processor(args.vocab_file, model.config, args.output)
-    if args.transformers_layout:
-        save_in_transformers_layout(model, args.output)
-    else:
-        model.save_pretrained(args.output)
-    with open(os.path.join(args.output, "conversion_report.json"), "w", encoding="utf-8") as f:
-        json.dump(report.to_dict(), f, indent=2)
+    except IncompleteConversionError as error:
+        raise SystemExit(
+            f"error: {args.checkpoint}: {error}. Pass --allow_partial to write the model anyway, with the missing "
+            "tensors initialised randomly."
+        ) from None
     print(f"wrote {args.output}")
 
 

@@ -6,7 +6,7 @@
     blip convert ./blip-captioning-hf ./blip-captioning-ours
     blip convert ./blip-captioning model_caption.pth --to original
 
-The work is the convert package's (`load_original_checkpoint`, `save_in_transformers_layout`,
+The work is the convert package's (`load_original_checkpoint`, `save_original_conversion`, `save_model_directory`,
 `save_original_checkpoint`); a model directory in either layout is read by `from_pretrained`. Outputs are written
 under a temporary name and renamed into place, so a failed or killed conversion leaves nothing half written.
 """
@@ -14,7 +14,9 @@ under a temporary name and renamed into place, so a failed or killed conversion 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +57,11 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def _from_original(args: argparse.Namespace) -> tuple[Any, Any, dict | None]:
-    from .. import BlipConfig, build_processor, build_tokenizer
+def _from_original(args: argparse.Namespace) -> Any:
+    """Converts the `.pth` at `args.source` and writes it; returns the model."""
+    from .. import BlipConfig
     from ..convert.original import load_original_checkpoint
+    from ..convert.writing import save_original_conversion
 
     try:
         config = BlipConfig.from_pretrained(args.config) if args.config else None
@@ -65,27 +69,20 @@ def _from_original(args: argparse.Namespace) -> tuple[Any, Any, dict | None]:
     except (ValueError, OSError, NotImplementedError) as error:
         raise CommandError(f"{args.source}: {error}") from None
     print(report.summary())
-    if not report.is_complete and not args.allow_partial:
-        raise CommandError(
-            f"{args.source}: {len(report.dropped_unexpected)} tensors dropped unexpectedly and {len(report.missing)} "
-            "missing (listed above); nothing written (--allow-partial writes it with the missing ones random)"
+    with _write_errors(args):
+        save_original_conversion(
+            model,
+            report,
+            args.output,
+            vocab_file=args.vocab_file,
+            allow_partial=args.allow_partial,
+            transformers_layout=args.to == "transformers",
+            overwrite=args.overwrite,
         )
-    processor = None
-    if args.vocab_file:
-        try:
-            tokenizer = build_tokenizer(vocab_file=args.vocab_file)
-        except (OSError, ValueError) as error:
-            raise CommandError(f"--vocab_file {args.vocab_file}: {error}") from None
-        if len(tokenizer) != model.config.text_config.vocab_size:
-            raise CommandError(
-                f"--vocab_file {args.vocab_file} gives {len(tokenizer)} tokens with [DEC] and [ENC], the model has "
-                f"{model.config.text_config.vocab_size}: not the vocabulary this checkpoint was trained with"
-            )
-        processor = build_processor(tokenizer, image_size=model.config.vision_config.image_size)
-    return model, processor, report.to_dict()
+    return model
 
 
-def _from_directory(source: str) -> tuple[Any, Any, None]:
+def _from_directory(source: str) -> tuple[Any, Any]:
     from .. import BlipImageTextProcessor
     from ..convert.original import HEADS
 
@@ -106,13 +103,13 @@ def _from_directory(source: str) -> tuple[Any, Any, None]:
         processor = BlipImageTextProcessor.from_pretrained(source)
     except (OSError, ValueError, TypeError):
         processor = None  # a directory of weights alone converts to weights alone
-    return model, processor, None
+    return model, processor
 
 
-def _write(model: Any, processor: Any, report: dict | None, args: argparse.Namespace) -> None:
-    from ..atomic_writes import atomic_directory, atomic_file
+def _write(model: Any, processor: Any, args: argparse.Namespace) -> None:
+    from ..atomic_writes import atomic_file
     from ..convert.original import save_original_checkpoint
-    from ..convert.transformers_layout import save_in_transformers_layout
+    from ..convert.writing import save_model_directory
 
     if args.to == "original":
         if Path(args.output).exists() and not args.overwrite:
@@ -120,19 +117,24 @@ def _write(model: Any, processor: Any, report: dict | None, args: argparse.Names
         with atomic_file(args.output, "wb") as handle:
             save_original_checkpoint(model, handle)  # torch.save writes to an open file as to a path
         return
+    with _write_errors(args):
+        save_model_directory(model, args.output, processor, None, args.to == "transformers", args.overwrite)
+
+
+@contextlib.contextmanager
+def _write_errors(args: argparse.Namespace) -> Iterator[None]:
+    """What refuses a model directory's write, as the command's error."""
+    from ..convert.writing import IncompleteConversionError
+
     try:
-        with atomic_directory(args.output, overwrite=args.overwrite) as staging:
-            if args.to == "transformers":
-                save_in_transformers_layout(model, staging)
-            else:
-                model.save_pretrained(staging)
-            if processor is not None:
-                processor.save_pretrained(staging)
-            if report is not None:
-                (staging / "conversion_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+        yield
+    except IncompleteConversionError as error:
+        raise CommandError(
+            f"{args.source}: {error} (--allow-partial writes it with the missing ones random)"
+        ) from None
     except FileExistsError as error:
         raise CommandError(f"{error} (--overwrite)") from None
-    except ValueError as error:  # a head transformers' BLIP has no counterpart of
+    except ValueError as error:  # the vocabulary, or a head transformers' BLIP has no counterpart of
         raise CommandError(f"{args.source}: {error}") from None
 
 
@@ -143,9 +145,9 @@ def run(args: argparse.Namespace) -> int:
     if source.is_file() and args.to == "original":
         raise CommandError(f"{args.source} is an original checkpoint already; --to ours or --to transformers")
     if source.is_file():
-        model, processor, report = _from_original(args)
+        model = _from_original(args)
     else:
-        model, processor, report = _from_directory(args.source)
-    _write(model, processor, report, args)
+        model, processor = _from_directory(args.source)
+        _write(model, processor, args)
     print(f"blip convert: {type(model).__name__} -> {args.output} ({args.to} layout)")
     return 0
