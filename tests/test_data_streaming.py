@@ -2,6 +2,7 @@
 
 import io
 import json
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from transformers_blip.benchmark.export import write_webdataset_shards
 from transformers_blip.data import SkipReport, expand_shards, load_webdataset, stream_parquet
+from transformers_blip.data.streaming import tar_samples
 
 
 def png() -> bytes:
@@ -65,6 +67,24 @@ def test_broken_shard_is_reported_and_the_stream_continues(tmp_path):
     keys = keys_read(load_webdataset(shards, rank=0, world_size=1, report=report))
     assert sorted(keys) == sorted(f"s{s:02d}_{i:03d}" for s in (0, 2, 3) for i in range(3))
     assert [(entry.source, entry.reason) for entry in report.skipped] == [(shards[1], "broken_shard")]
+
+
+def test_tar_samples_groups_members_by_key_and_keeps_samples_without_captions(tmp_path):
+    members = [("a/0001.jpg", b"image 1"), ("a/0001.json", b"{}"), ("a/0002.PNG", b"image 2"), ("b/0001.txt", b"text")]
+    path = tmp_path / "shard.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert list(tar_samples(path)) == [
+        ("a/0001", {"jpg": b"image 1", "json": b"{}"}),  # no caption: kept, the loaders decide what a sample needs
+        ("a/0002", {"png": b"image 2"}),
+        ("b/0001", {"txt": b"text"}),
+    ]
+    path.write_bytes(path.read_bytes()[:40])  # cut inside the compressed stream
+    with pytest.raises((tarfile.TarError, OSError, EOFError)):
+        list(tar_samples(path))
 
 
 def test_parquet_streams_split_by_rank(tmp_path):

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .data.decoding import IMAGE_EXTENSIONS
-from .data.streaming import _tar_samples
+from .data.streaming import tar_samples
 from .image_processing_blip import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 
 LIST_FILE_SUFFIXES = (".txt", ".lst")
@@ -126,7 +126,7 @@ def _parquet_images(path: str, image_column: str) -> Iterator[tuple[str, Any]]:
 
 
 def _tar_images(path: str) -> Iterator[tuple[str, Any]]:
-    for key, files in _tar_samples(path):
+    for key, files in tar_samples(path):
         extension = next((ext for ext in IMAGE_EXTENSIONS if ext in files), None)
         yield f"{path}/{key}", (files[extension] if extension else None)
 

@@ -48,7 +48,7 @@ def load_model(model: str, task: str, vocab_file: str | None = None) -> tuple[An
     """`(model, processor)` for `task` ("captioning", "retrieval" or "vqa") from a hub id, a directory or an
     original `.pth` file; a CommandError names the model when it cannot be loaded or does not serve `task`."""
     from .. import BlipImageTextProcessor, build_processor, build_tokenizer
-    from ..convert.original import HEADS, _without_transformers_load_report
+    from ..convert.original import HEADS, without_transformers_load_report
 
     head_class = HEADS[task]
     if model.endswith(".pth"):
@@ -64,7 +64,7 @@ def load_model(model: str, task: str, vocab_file: str | None = None) -> tuple[An
         return loaded, build_processor(build_tokenizer(vocab_file=vocab_file), image_size=image_size)
     try:
         # The missing tensors are what the check below reports, in one line; transformers' table would repeat it.
-        with _without_transformers_load_report():
+        with without_transformers_load_report():
             loaded, loading = head_class.from_pretrained(model, output_loading_info=True)
         processor = BlipImageTextProcessor.from_pretrained(model)
     except (OSError, ValueError, TypeError) as error:

@@ -22,7 +22,7 @@ import os
 import pickle
 import re
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -545,15 +545,17 @@ def load_original_checkpoint(
         skeleton = head_class(config)
     plan = plan_conversion(shapes, skeleton, variant)
     check_tied_duplicates(state_dict, plan, skeleton.all_tied_weights_keys)
-    with _without_transformers_load_report():
+    with without_transformers_load_report():
         model = head_class.from_pretrained(None, config=config, state_dict=planned_state_dict(state_dict, plan))
     log_report(plan.report)
     return model.eval(), plan.report
 
 
 @contextlib.contextmanager
-def _without_transformers_load_report():
-    """transformers' own load report would list the tensors the plan already accounts for (defaults, new NLVR2
+def without_transformers_load_report() -> Iterator[None]:
+    """Silences transformers' load report (its warnings) inside the block; errors still show.
+
+    transformers' own load report would list the tensors the plan already accounts for (defaults, new NLVR2
     modules) as missing; `log_report` says what happened to each one instead. A filter, not a level: transformers
     reads the level of this logger to decide on other checks."""
     loading_logger = logging.get_logger("transformers.modeling_utils")
@@ -600,4 +602,5 @@ __all__ = [
     "read_original_state_dict",
     "resolve_head",
     "save_original_checkpoint",
+    "without_transformers_load_report",
 ]

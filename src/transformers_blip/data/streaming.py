@@ -77,8 +77,14 @@ def _split_member_name(name: str) -> tuple[str, str]:
     return os.path.join(directory, stem), extension.lower()
 
 
-def _tar_samples(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for each group of consecutive members sharing a key. Raises on a broken tar."""
+def tar_samples(shard: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The samples of a webdataset tar, in order, as read from it: (key, {extension: bytes}) for each run of
+    consecutive members that share a key (`images/0001.jpg` and `images/0001.json` are sample `images/0001`).
+
+    Nothing is decoded or checked: a sample without an image or a caption is yielded like any other (the loaders
+    decide what a sample needs). The tar is read in one streaming pass (plain or compressed); a broken one raises
+    `tarfile.TarError`, OSError or EOFError part-way, after the samples before the break.
+    """
     key, files = None, {}
     with tarfile.open(shard, mode="r|*") as tar:  # streaming mode: one pass, no seeking
         for member in tar:
@@ -124,7 +130,7 @@ def _webdataset_examples(
 ) -> Iterator[dict[str, Any]]:
     for shard in shards:
         try:
-            for key, files in _tar_samples(shard):
+            for key, files in tar_samples(shard):
                 try:
                     yield _webdataset_example(shard, key, files, metadata_fields, max_words)
                 except BadSampleError as error:
