@@ -14,6 +14,7 @@ was cut short. The table of means and spreads over the seeds is written as `tabl
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import runpy
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +74,7 @@ class AblationSettings:
     num_val: int = 20
     num_test: int = 100
     noise_rate: float = 0.4
-    pretrain_steps: int = 1200
+    pretrain_steps: int = 1500
     pretrain_batch_size: int = 16
     pretrain_learning_rate: float = 1e-3
     caption_epochs: float = 2.0
@@ -116,14 +118,21 @@ class Step:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run_subprocess(script: Path, arguments: list[str], log: Path) -> None:
-    """Runs `script` in a fresh Python (as a user would), its output going to `log`; a failure raises with the
-    end of that log."""
+def run_subprocess(script: Path, arguments: list[str], log: Path, threads: int | None = None) -> None:
+    """Runs `script` in a fresh Python (as a user would), on `threads` torch threads if given, its output going to
+    `log`; a failure raises with the end of that log."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     with open(log, "w") as log_file:
-        process = subprocess.run([sys.executable, str(script), *arguments], stdout=log_file, stderr=subprocess.STDOUT)
+        command = [sys.executable, str(script), *arguments]
+        process = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, env=environment)
     if process.returncode != 0:
         raise RuntimeError(f"{script.name} exited with {process.returncode}; the end of {log}:\n{_tail(log)}")
+
+
+def subprocess_runner(threads: int) -> StepRunner:
+    """`run_subprocess` on `threads` torch threads: for seeds run side by side, each on its share of the cores."""
+    return functools.partial(run_subprocess, threads=threads)
 
 
 def run_in_process(script: Path, arguments: list[str], log: Path) -> None:
@@ -264,11 +273,13 @@ def seed_steps(seed: int, settings: AblationSettings, seed_dir: Path) -> list[St
         "synthetic_num_test": settings.num_test,
     }  # fmt: skip
     # Fine-tuning evaluates once, on the test split, at the end: per-epoch validation would cost more than it
-    # teaches at these sizes, and every pretraining is fine-tuned for the same epochs.
+    # teaches at these sizes, and every pretraining is fine-tuned for the same epochs. Every run is seeded and
+    # deterministic (`--full_determinism`), so that a second run of a row gives its numbers again and the spread
+    # over seeds is the seeds' alone. The device is each script's default: a GPU where there is one.
     finetune_common = {
         "per_device_train_batch_size": settings.finetune_batch_size, "eval_strategy": "no", "save_strategy": "no",
         "load_best_model_at_end": "false", "dataloader_num_workers": 0, "disable_tqdm": "true", "seed": seed,
-        "use_cpu": "true",
+        "full_determinism": "true",
     }  # fmt: skip
 
     def pretraining(row: str, pairs_file: Path) -> Step:
@@ -279,7 +290,7 @@ def seed_steps(seed: int, settings: AblationSettings, seed_dir: Path) -> list[St
             "learning_rate": settings.pretrain_learning_rate, "lr_scheduler_type": "constant_with_warmup",
             "warmup_steps": min(50, settings.pretrain_steps // 10), "adam_beta2": 0.98, "min_crop_scale": 1.0,
             "randaugment": "false", "logging_steps": max(1, settings.pretrain_steps // 20), "save_strategy": "no",
-            "disable_tqdm": "true", "use_cpu": "true", "seed": seed, "full_determinism": "true",
+            "disable_tqdm": "true", "seed": seed, "full_determinism": "true",
         })  # fmt: skip
         return Step(f"seed{seed}/pretrain/{_row_slug(row)}", seed_dir / "pretrain" / _row_slug(row), "pretrain.py",
                     arguments)  # fmt: skip
@@ -424,6 +435,7 @@ def run_ablation(
     settings: AblationSettings | None = None,
     scripts_dir: str | os.PathLike | None = None,
     runner: StepRunner = run_subprocess,
+    parallel_seeds: int = 1,
 ) -> dict[str, Any]:
     """Runs (or resumes) the ablation for every seed and writes `table.json` and `table.md` in `output_dir`.
 
@@ -433,7 +445,10 @@ def run_ablation(
         settings: sizes and lengths; default `AblationSettings()`, the full miniature run.
         scripts_dir: the folder of pretrain.py, finetune_caption.py, finetune_retrieval.py and capfilt.py;
             default the repository's `training_scripts`.
-        runner: how a script step runs: `run_subprocess` (default) or `run_in_process`.
+        runner: how a script step runs: `run_subprocess` (default), `subprocess_runner(threads)` or
+            `run_in_process` (which runs one step at a time only: it sets this process's command line).
+        parallel_seeds: seeds run side by side (a tiny model gains little from a second thread, so on 2 cores two
+            seeds on one thread each finish sooner than one after the other on two).
 
     Returns:
         What `table.json` holds: the settings, the seeds, the table (row -> metric -> mean, std), each seed's
@@ -443,6 +458,8 @@ def run_ablation(
         raise ValueError("the ablation needs at least one seed")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must differ, got {list(seeds)}")
+    if parallel_seeds > 1 and runner is run_in_process:
+        raise ValueError("run_in_process runs one step at a time: give parallel_seeds=1 or a subprocess runner")
     output_dir = Path(output_dir)
     settings = settings if settings is not None else AblationSettings()
     scripts_dir = (
@@ -451,18 +468,31 @@ def run_ablation(
     for script in ("pretrain.py", "finetune_caption.py", "finetune_retrieval.py", "capfilt.py"):
         if not (scripts_dir / script).is_file():
             raise FileNotFoundError(f"scripts_dir {scripts_dir} has no {script}")
-    ran = []
-    per_seed = {}
-    fractions = {}
-    for seed in seeds:
+
+    def run_seed(seed: int) -> list[str]:
         seed_dir = output_dir / f"seed{seed}"
         # Once a step of the seed runs, every later one runs too: it may read what that step just made again.
-        ran_before = len(ran)
+        ran: list[str] = []
         for step in seed_steps(seed, settings, seed_dir):
-            if run_step(output_dir, step, scripts_dir, runner, force=len(ran) > ran_before):
+            if run_step(output_dir, step, scripts_dir, runner, force=bool(ran)):
                 ran.append(step.name)
-        per_seed[seed] = seed_scores(seed_dir)
-        fractions[seed] = {row: kept_fractions(seed_dir / "capfilt" / _row_slug(row)) for row in BOOTSTRAP_VARIANTS}
+        return ran
+
+    # Seeds share nothing but the output directory; side by side, each runs its steps in order. One at a time they
+    # run in this thread (a script run in process may install signal handlers, which only the main thread can).
+    side_by_side = max(1, min(parallel_seeds, len(seeds)))
+    if side_by_side == 1:
+        ran = [name for seed in seeds for name in run_seed(seed)]
+    else:
+        with ThreadPoolExecutor(max_workers=side_by_side) as pool:
+            ran = [name for names in pool.map(run_seed, seeds) for name in names]
+    per_seed = {seed: seed_scores(output_dir / f"seed{seed}") for seed in seeds}
+    fractions = {
+        seed: {
+            row: kept_fractions(output_dir / f"seed{seed}" / "capfilt" / _row_slug(row)) for row in BOOTSTRAP_VARIANTS
+        }
+        for seed in seeds
+    }
     table = summarize(per_seed)
     result = {
         "settings": asdict(settings),
@@ -489,6 +519,7 @@ __all__ = [
     "run_in_process",
     "run_step",
     "run_subprocess",
+    "subprocess_runner",
     "seed_scores",
     "seed_steps",
     "step_is_done",
