@@ -160,3 +160,9 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, seeds, scripts_dir,
     with pytest.raises((ValueError, FileNotFoundError), match=error):
         run_ablation(tmp_path / "out", seeds, SETTINGS, scripts_dir=tmp_path / scripts_dir, runner=run_in_process)
     assert not (tmp_path / "out").exists()
+
+
+def test_seeds_side_by_side_need_a_runner_that_can_share_the_process(tmp_path):
+    with pytest.raises(ValueError, match="one step at a time"):
+        run_ablation(tmp_path / "out", (0, 1), SETTINGS, runner=run_in_process, parallel_seeds=2)
+    assert not (tmp_path / "out").exists()
