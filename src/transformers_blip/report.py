@@ -11,8 +11,9 @@ uses them as a user would: captions through `pipeline("image-to-text")`, answers
 [`ImageIndex`] of the held-out images, queried with each image's first reference caption.
 
 The metrics are numbers a test can hold to thresholds: how many of the colours and shapes a caption names are in
-the image (from its references, with the benchmark's own synonyms), how many captions name no wrong colour or
-shape, VQA accuracy, and text-to-image recall of the queries, beside the pretraining's held-out ITC recall. Every
+the image (from its references, with the benchmark's own synonyms), together and each kind apart, how many captions
+name no wrong colour or shape, VQA accuracy, and text-to-image recall of the queries, beside the pretraining's
+held-out ITC recall. Every
 file is written atomically; `metrics.json` beside the page holds the same numbers.
 """
 
@@ -124,11 +125,14 @@ def summary_metrics(results: DemoResults, held_out_recall: dict[str, float] | No
     """The report's numbers (percentages) from its rows, plus the pretraining's held-out ITC recall if given."""
     metrics: dict[str, float] = {}
     if results.captions:
-        named = sum(len(row.named) for row in results.captions)
-        wrong = sum(len(row.wrong) for row in results.captions)
-        right_captions = sum(1 for row in results.captions if row.named and not row.wrong)
-        metrics["caption_attribute_precision"] = 100.0 * (named - wrong) / named if named else 0.0
-        metrics["captions_without_wrong_attributes"] = 100.0 * right_captions / len(results.captions)
+        for kind, vocabulary in (("attribute", None), ("colour", COLOR_WORDS), ("shape", SHAPE_WORDS)):
+            named = [_kept(row.named, vocabulary) for row in results.captions]
+            wrong = [_kept(row.wrong, vocabulary) for row in results.captions]
+            num_named, num_wrong = sum(map(len, named)), sum(map(len, wrong))
+            metrics[f"caption_{kind}_precision"] = 100.0 * (num_named - num_wrong) / num_named if num_named else 0.0
+            right = sum(1 for image_named, image_wrong in zip(named, wrong) if image_named and not image_wrong)
+            label = "captions_without_wrong_attributes" if vocabulary is None else f"captions_with_right_{kind}s"
+            metrics[label] = 100.0 * right / len(results.captions)
     if results.answers:
         metrics["vqa_accuracy"] = 100.0 * sum(row.accuracy for row in results.answers) / len(results.answers)
     if results.retrieval:
@@ -139,6 +143,11 @@ def summary_metrics(results: DemoResults, held_out_recall: dict[str, float] | No
     for name, value in (held_out_recall or {}).items():
         metrics[f"pretraining_itc_{name}"] = float(value)
     return metrics
+
+
+def _kept(attributes: Sequence[str], vocabulary: dict | None) -> list[str]:
+    """The attributes of one kind (a vocabulary's canonical names), or all of them."""
+    return list(attributes) if vocabulary is None else [name for name in attributes if name in vocabulary]
 
 
 # ----------------------------------------------------------------------------------------------------- the runs
