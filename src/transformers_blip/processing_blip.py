@@ -9,10 +9,11 @@ Text is tokenized as ordinary BERT text, `[CLS] ... [SEP]`: the models put `[DEC
 pairs it with the image processor, and `text_config_token_kwargs` gives a `BlipTextConfig` the matching ids.
 """
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from tokenizers import normalizers, pre_tokenizers
 from transformers import BertTokenizer, BlipProcessor, PreTrainedTokenizerBase, ProcessorMixin
 
 if TYPE_CHECKING:
@@ -44,16 +45,29 @@ def _read_vocab_file(vocab_file: str) -> dict[str, int]:
 
 
 def _train_vocab(corpus: Iterable[str], vocab_size: int, lowercase: bool) -> dict[str, int]:
-    """A WordPiece vocabulary learnt from `corpus`, BERT's special tokens first (so `[PAD]` is 0)."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    # The same normalisation and pre-tokenisation as BertTokenizer applies, so the pieces learnt are the ones it sees.
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=list(BERT_SPECIAL_TOKENS), show_progress=False
-    )
-    tokenizer.train_from_iterator(corpus, trainer=trainer)
-    return tokenizer.get_vocab()
+    """A WordPiece vocabulary learnt from `corpus`, the same for the same corpus in every process.
+
+    BERT's special tokens come first (so `[PAD]` is 0), then every character of the corpus, alone and as a `##`
+    continuation (so that any word can be spelled), then the corpus's words, the most frequent first (ties in
+    alphabetical order), while `vocab_size` allows. `tokenizers`' WordPiece trainer is not used: it breaks ties in
+    the order of a hash map seeded per process, so the same command learnt different vocabularies.
+    """
+    # BertTokenizer's normalisation and pre-tokenisation, so the words counted are the ones it will see.
+    normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in corpus:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    characters = sorted({character for word in counts for character in word})
+    tokens = list(BERT_SPECIAL_TOKENS) + characters + [f"##{character}" for character in characters]
+    known = set(tokens)
+    for word, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        if len(tokens) >= vocab_size:
+            break
+        if word not in known:
+            tokens.append(word)
+            known.add(word)
+    return {token: index for index, token in enumerate(tokens)}
 
 
 def build_tokenizer(
