@@ -76,3 +76,18 @@ def test_pretrain_large_preset_uses_the_originals_drop_path_and_the_command_line
     assert drop_path_rate("--recipe", "pretrain_large") == 0.1
     assert drop_path_rate("--recipe", "pretrain_base") is None  # the size's own: 0 for ViT-B, as the original
     assert drop_path_rate("--recipe", "pretrain_large", "--drop_path_rate", "0.2") == 0.2
+
+
+def test_the_momentum_vit_follows_the_online_rate_as_the_original_builds_it(pixel_values):
+    from transformers_blip import BlipForPreTraining
+
+    torch.manual_seed(0)
+    model = BlipForPreTraining(make_config())
+    momentum = model.vision_model_m
+    model.config.vision_config.drop_path_rate = 0.3  # the original's ViT-L gives both ViTs a rate (0.1)
+    assert [layer.drop_path_rate for layer in momentum.encoder.layers] == [
+        layer.drop_path_rate for layer in model.vision_model.encoder.layers
+    ]
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(momentum(pixel_values).last_hidden_state, momentum(pixel_values).last_hidden_state)

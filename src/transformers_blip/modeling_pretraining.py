@@ -198,13 +198,12 @@ class BlipContrastiveMatchingModel(ItcFeaturesMixin, BlipPreTrainedModel):
         self.itm_head = nn.Linear(text_width, 2)
         self.temp = nn.Parameter(torch.tensor(config.itc_temperature))
 
-        # Momentum copies. Their features are targets: no stochastic depth in the ViT, and the text encoder only runs
-        # unimodally, so it needs no cross-attention.
-        momentum_vision_config = copy.deepcopy(config.vision_config)
-        momentum_vision_config.drop_path_rate = 0.0
+        # Momentum copies. The ViT shares the online one's config, so its stochastic depth is the online one's, as
+        # the original builds both (its ViT-L gets 0.1 in either role); the text encoder only runs unimodally, so it
+        # needs no cross-attention.
         momentum_text_config = copy.deepcopy(config.text_config)
         momentum_text_config.add_cross_attention = False
-        self.vision_model_m = BlipVisionModel(momentum_vision_config)
+        self.vision_model_m = BlipVisionModel(config.vision_config)
         self.text_encoder_m = BlipTextModel(momentum_text_config)
         self.vision_proj_m = nn.Linear(vision_width, config.embed_dim)
         self.text_proj_m = nn.Linear(text_width, config.embed_dim)
