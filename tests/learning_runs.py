@@ -44,9 +44,9 @@ def finish_script(process: subprocess.Popen, log: Path, timeout: float) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-        raise AssertionError(f"{process.args[1]} ran past {timeout:.0f} s:\n{log.read_text()[-3000:]}") from None
+        raise RuntimeError(f"{process.args[1]} ran past {timeout:.0f} s:\n{log.read_text()[-3000:]}") from None
     if process.returncode != 0:
-        raise AssertionError(f"{process.args[1]} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        raise RuntimeError(f"{process.args[1]} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
 
 
 def pretrain_tiny(output_dir: Path, threads: int = 2, timeout: float = 900) -> Path:
