@@ -225,7 +225,8 @@ def test_retrieval_recall_by_hand():
 
 def test_retrieval_recall_counts_a_tie_against_the_ground_truth():
     # Re-ranked with k_test = 1: each query's one candidate is scored, every other cell is -100. Image 1's text and
-    # text 1's image fall outside the top 1, so they are not found at K = 2 either: the tie with the other -100 cell counts against them.
+    # text 1's image fall outside the top 1, so they are not found at K = 2 either: the tie with the other -100 cell
+    # counts against them.
     unranked = -100.0
     score_i2t = torch.tensor([[0.9, unranked, unranked], [0.7, unranked, unranked], [unranked, unranked, 0.8]])
     score_t2i = torch.tensor([[0.9, unranked, unranked], [unranked, unranked, 0.5], [unranked, unranked, 0.8]])
