@@ -211,8 +211,8 @@ def main() -> None:
         elif model_args.text_model_name_or_path:  # BERT's vocabulary, [DEC] and [ENC] added
             tokenizer = blip_tokenizer_for(model_args.text_model_name_or_path)
         else:
-            # Trained once for every rank (or read back from the checkpoint a resumed run continues): WordPiece need
-            # not number the tokens alike twice. A pass over the captions for the vocabulary is not an epoch.
+            # Learnt once for every rank (or read back from the checkpoint a resumed run continues). A pass over the
+            # captions for the vocabulary is not an epoch.
             with skip_report.not_counting():
                 tokenizer = run_vocabulary(
                     lambda: train_dataset["caption"], model_args.vocab_size, training_args, resume_checkpoint

@@ -1,8 +1,8 @@
 """The tokenizer of a run that trains its own vocabulary: the same on every rank, and the same after a resume.
 
-WordPiece training need not number the tokens the same way twice, even on the same texts, so a vocabulary is
-trained once, by the main process, saved under the run's output directory and read by every rank; a resumed run
-reads the one its checkpoint saved.
+A vocabulary is learnt once, by the main process, saved under the run's output directory and read by every rank, so
+that no rank depends on reading the same texts as the main one; a resumed run reads the one its checkpoint saved,
+which stays right when the data changed since.
 """
 
 from __future__ import annotations
