@@ -22,7 +22,7 @@ def pretraining_command(output_dir: Path) -> list[str]:
         "--synthetic_num_test", "100", "--max_steps", str(PRETRAINING_STEPS), "--per_device_train_batch_size", "16",
         "--learning_rate", "1e-3", "--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", "50",
         "--adam_beta2", "0.98", "--min_crop_scale", "1.0", "--randaugment", "false", "--logging_steps", "100",
-        "--save_strategy", "no", "--disable_tqdm", "true", "--use_cpu", "--seed", "0",
+        "--save_strategy", "no", "--disable_tqdm", "true", "--use_cpu", "--seed", "0", "--full_determinism",
     ]  # fmt: skip
 
 

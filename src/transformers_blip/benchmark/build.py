@@ -211,6 +211,31 @@ def _nlvr_rows(seed: int, split: str, first_id: int, image_size: int, index: int
     ]
 
 
+def benchmark_texts(seed: int = 0, num_scenes: int = 400) -> list[str]:
+    """Texts of every kind the benchmark writes (human and web captions, the noisy kinds, questions with their
+    annotators' answers, NLVR2 statements) about `num_scenes` scenes drawn without rendering an image: the corpus of
+    a vocabulary meant for all of the benchmark's tasks, so that a model pretrained on captions alone does not meet
+    the questions' words in pieces when it is fine-tuned. Deterministic from `seed`."""
+    texts = []
+    for index in range(num_scenes):
+        rng = _rng(seed, "vocabulary", index, "texts")
+        scene, other = sample_scene(rng), sample_scene(rng)
+        while not other.kinds() - scene.kinds():  # a mismatched caption names an object the scene lacks
+            other = sample_scene(rng)
+        texts += human_captions(scene, rng)
+        texts.append(web_caption(salient_objects(scene, rng), scene, rng))
+        texts += [noisy_web_caption(kind, scene, other, rng) for kind in NOISE_KINDS]
+        for question_type in QUESTION_TYPES:
+            if question_type == "position" and not can_ask_position(scene):
+                continue
+            question, answer = vqa_question(scene, question_type, rng, answer_yes=index % 2 == 0)
+            texts += [question, *annotator_answers(answer, question_type, rng)]
+        statement = nlvr_statement((scene, other), index % 2 == 0, rng)
+        if statement is not None:
+            texts.append(statement)
+    return texts
+
+
 def _rows_for(make_rows: Callable[[int], list[dict]], indices: range) -> list[dict]:
     return [row for index in indices for row in make_rows(index)]
 
