@@ -140,3 +140,16 @@ def test_parquet_skips_broken_files_and_empty_captions(tmp_path):
     assert np.array_equal(np.asarray(load_image(loaded[1]["image"])), np.asarray(image))
     assert Counter(entry.reason for entry in report.skipped) == {"broken_shard": 1, "empty_caption": 1}
     assert {entry.source for entry in report.skipped} == {str(files[1]), f"{files[0]}:1"}
+
+
+def test_parquet_files_without_rows_add_nothing(tmp_path):
+    # A CapFilt shard whose every text was dropped is a valid parquet file of no rows.
+    image = Image.new("RGB", (16, 16), (10, 200, 30))
+    data = Dataset.from_dict({"image": [image], "caption": ["A frog."]}).cast_column("image", ImageFeature())
+    data.to_parquet(str(tmp_path / "one.parquet"))
+    data.select([]).to_parquet(str(tmp_path / "none.parquet"))
+    files = [tmp_path / "none.parquet", tmp_path / "one.parquet", tmp_path / "none.parquet"]
+    loaded = load_parquet(files, cache_dir=tmp_path / "cache", report=SkipReport(tmp_path / "skips"))
+    assert loaded["caption"] == ["a frog"]
+    empty = load_parquet([tmp_path / "none.parquet"], cache_dir=tmp_path / "cache", report=SkipReport())
+    assert len(empty) == 0 and {"image", "caption"} <= set(empty.column_names)

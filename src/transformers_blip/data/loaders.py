@@ -348,8 +348,15 @@ def load_parquet(
     readable = _readable_parquet_files(files, report)
     if not readable:
         raise FileNotFoundError(f"none of the parquet files could be read: {files}. {report.summary()}")
+    # A file without rows (a CapFilt shard that kept nothing) adds nothing, and `from_parquet` cannot read one.
+    readable = [(path, num_rows) for path, num_rows in readable if num_rows > 0] or readable[:1]
     paths = [path for path, _ in readable]
-    dataset = Dataset.from_parquet(paths, cache_dir=os.fspath(cache_dir) if cache_dir else None)
+    if readable[0][1] > 0:
+        dataset = Dataset.from_parquet(paths, cache_dir=os.fspath(cache_dir) if cache_dir else None)
+    else:  # every file is empty: an empty dataset with their columns
+        import pyarrow.parquet as pq
+
+        dataset = Dataset(pq.read_table(paths[0]))
     for name in image_columns:
         if name in dataset.column_names:
             dataset = dataset.cast_column(name, ImageFeature(decode=False))
