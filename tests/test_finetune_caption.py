@@ -223,6 +223,9 @@ def test_finetune_script_end_to_end_and_resumed(tmp_path):
     test_ids = sorted(entry["image_id"] for entry in results)
     assert len(test_ids) == 5 and len(set(test_ids)) == 5
     assert "| test |" in (output_dir / "results.md").read_text()
+    # Saved with its processor, so that a pipeline or CapFilt loads the directory as it is.
+    processor = transformers.AutoProcessor.from_pretrained(output_dir)
+    assert processor.image_processor.size["height"] == 32
 
     # Stopped after epoch 1 and resumed: the last epoch ends on the same weights.
     resumed_dir = tmp_path / "resumed"

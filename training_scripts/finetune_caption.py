@@ -34,7 +34,7 @@ from transformers_blip import BlipForConditionalGeneration
 from transformers_blip.data import BlipEvalTransform, BlipTrainTransform, HubDatasetArguments, SkipReport
 from transformers_blip.data.hub_datasets import reads_hub_dataset
 from transformers_blip.hub import push_task_card
-from transformers_blip.processing_blip import build_tokenizer, text_config_token_kwargs
+from transformers_blip.processing_blip import build_processor, build_tokenizer, text_config_token_kwargs
 from transformers_blip.training import (
     MODEL_SIZES,
     BlipFineTuningTrainer,
@@ -44,6 +44,7 @@ from transformers_blip.training import (
     optimizer_steps_per_epoch,
     parse_with_recipe,
     pretraining_config,
+    seed_run,
 )
 from transformers_blip.training.captioning import (
     CAPTION_SOURCES,
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.remove_unused_columns:
         parser.error("--remove_unused_columns must stay False: Trainer would drop the image and caption columns")
     check_processes_train_together(training_args)
+    seed_run(training_args)  # before the model is built: its new weights are the run's first draws
     if not training_args.do_train and model_args.model_name_or_path is None:
         parser.error("evaluation only (--do_train false) needs the captioner to evaluate: --model_name_or_path")
     report = SkipReport(log_dir=os.path.join(training_args.output_dir, "skipped"), strict=data_args.strict_data)
@@ -176,8 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
         batch_size=training_args.per_device_eval_batch_size, meteor=caption_args.eval_meteor,
         num_workers=training_args.dataloader_num_workers, report=report,
     )  # fmt: skip
+    processor = build_processor(tokenizer, model_args.image_size)  # saved with every checkpoint and the model
     trainer = BlipFineTuningTrainer(
-        model=model, args=training_args, train_dataset=train, eval_dataset=val, processing_class=tokenizer,
+        model=model, args=training_args, train_dataset=train, eval_dataset=val, processing_class=processor,
         data_collator=caption_training_collator(
             tokenizer, train_transform, caption_args.prompt, caption_args.max_words, report
         ),

@@ -32,6 +32,7 @@ from transformers_blip.data.hub_datasets import reads_hub_dataset
 from transformers_blip.evaluation.vqa_accuracy import nlvr_accuracy
 from transformers_blip.hub import push_task_card
 from transformers_blip.modeling_nlvr import BlipForVisualReasoning
+from transformers_blip.processing_blip import build_processor
 from transformers_blip.training import (
     BlipFineTuningTrainer,
     DecodingCollator,
@@ -40,6 +41,7 @@ from transformers_blip.training import (
     check_processes_train_together,
     optimizer_steps_per_epoch,
     parse_with_recipe,
+    seed_run,
 )
 from transformers_blip.training.checkpoints import CheckpointError, allow_resume_without_path, checkpoint_to_resume
 from transformers_blip.training.finetuning import ResumableAugmentation
@@ -106,6 +108,7 @@ def main(args: list[str] | None = None) -> dict:
     parser = build_parser()
     model_args, data_args, optimization_args, training_args = parse_with_recipe(parser, args)
     check_processes_train_together(training_args)
+    seed_run(training_args)  # before the model is built: its new weights are the run's first draws
     if not training_args.do_train and model_args.model_name_or_path is None:
         parser.error("evaluation only (--do_train false) needs the model to evaluate: --model_name_or_path")
     report = SkipReport(log_dir=os.path.join(training_args.output_dir, "skipped"), strict=data_args.strict_data)
@@ -140,9 +143,10 @@ def main(args: list[str] | None = None) -> dict:
     )  # fmt: skip
     collate = NlvrCollator(tokenizer, train_transform, mirror_probability=0.5)
     eval_batch_size = training_args.per_device_eval_batch_size
+    processor = build_processor(tokenizer, model_args.image_size)  # saved with every checkpoint and the model
     trainer = BlipFineTuningTrainer(
         model=model, args=training_args, train_dataset=splits["train"], eval_dataset=splits["validation"],
-        data_collator=DecodingCollator(decode_pairs(report), collate), processing_class=tokenizer,
+        data_collator=DecodingCollator(decode_pairs(report), collate), processing_class=processor,
         task_evaluation=nlvr_evaluation(tokenizer, model_args.image_size, eval_batch_size, report),
     )  # fmt: skip
     if training_args.do_train:

@@ -32,6 +32,7 @@ from transformers_blip.data import BlipTrainTransform, DecodeImages, HubDatasetA
 from transformers_blip.data.hub_datasets import reads_hub_dataset
 from transformers_blip.hub import push_task_card
 from transformers_blip.modeling_blip import BlipForQuestionAnswering
+from transformers_blip.processing_blip import build_processor
 from transformers_blip.training import (
     BlipFineTuningTrainer,
     DecodingCollator,
@@ -40,6 +41,7 @@ from transformers_blip.training import (
     check_processes_train_together,
     optimizer_steps_per_epoch,
     parse_with_recipe,
+    seed_run,
 )
 from transformers_blip.training.checkpoints import CheckpointError, allow_resume_without_path, checkpoint_to_resume
 from transformers_blip.training.finetuning import ResumableAugmentation
@@ -129,6 +131,7 @@ def main(args: list[str] | None = None) -> dict:
     parser = build_parser()
     model_args, inference_args, data_args, optimization_args, training_args = parse_with_recipe(parser, args)
     check_processes_train_together(training_args)
+    seed_run(training_args)  # before the model is built: its new weights are the run's first draws
     if not training_args.do_train and model_args.model_name_or_path is None:
         parser.error("evaluation only (--do_train false) needs the model to evaluate: --model_name_or_path")
     report = SkipReport(log_dir=os.path.join(training_args.output_dir, "skipped"), strict=data_args.strict_data)
@@ -166,9 +169,10 @@ def main(args: list[str] | None = None) -> dict:
         )
     )
     decode = DecodeImages(train_transform, text_columns=("question", "unique_answers"), report=report)
+    processor = build_processor(tokenizer, model_args.image_size)  # saved with every checkpoint and the model
     trainer = BlipFineTuningTrainer(
         model=model, args=training_args, train_dataset=splits["train"], eval_dataset=splits["validation"],
-        data_collator=DecodingCollator(decode, VqaCollator(tokenizer)), processing_class=tokenizer,
+        data_collator=DecodingCollator(decode, VqaCollator(tokenizer)), processing_class=processor,
         task_evaluation=vqa_evaluation(predictor),
     )  # fmt: skip
     if training_args.do_train:

@@ -33,13 +33,11 @@ import pyarrow.parquet as pq
 import torch
 from datasets import Image as ImageFeature
 from datasets import concatenate_datasets
-from transformers import AutoTokenizer
 
 from ..atomic_writes import atomic_file, write_text_atomically
 from ..benchmark import build_synthetic_benchmark
 from ..data import flatten_captions, load_parquet
 from ..data.bootstrapped import capfilt_files
-from ..processing_blip import build_processor
 
 ROWS = ("noisy", "filter only", "captioner only", "captioner + filter")
 # Each bootstrapped row: (synthetic captions per image, ITM threshold). A threshold of 0 keeps every text.
@@ -247,12 +245,6 @@ def kept_pairs(capfilt_dir: Path):
     return load_parquet(files).select_columns(PAIR_COLUMNS) if files else None
 
 
-def save_captioner_processor(captioner_dir: Path, image_size: int) -> None:
-    """The processor a bootstrapping loads beside the captioner: finetune_caption.py saves the tokenizer alone."""
-    tokenizer = AutoTokenizer.from_pretrained(captioner_dir)
-    build_processor(tokenizer, image_size).save_pretrained(captioner_dir)
-
-
 def load_parquet_pairs(path: Path):
     """The image and caption columns of a parquet file written by this module, images left undecoded."""
     from datasets import Dataset
@@ -326,15 +318,6 @@ def seed_steps(seed: int, settings: AblationSettings, seed_dir: Path) -> list[St
     steps.append(pretraining("noisy", data_dir / "pairs-noisy.parquet"))
     steps += fine_tunes("noisy")  # the captioner and the filter of every bootstrapping, and the noisy row
     captioner, filter_dir = seed_dir / "caption" / "noisy", seed_dir / "retrieval" / "noisy"
-    steps.append(
-        Step(
-            f"seed{seed}/caption/noisy/processor",
-            captioner / "processor_config.json",
-            None,
-            [str(captioner), str(settings.image_size)],
-            lambda: save_captioner_processor(captioner, settings.image_size),
-        )
-    )
     for row, (num_captions, threshold) in BOOTSTRAP_VARIANTS.items():
         capfilt_dir = seed_dir / "capfilt" / _row_slug(row)
         arguments = _flags({
