@@ -48,6 +48,7 @@ from transformers_blip.training import (
     check_processes_train_together,
     optimizer_steps_per_epoch,
     parse_with_recipe,
+    seed_run,
 )
 from transformers_blip.training.captioning import load_caption_splits
 from transformers_blip.training.checkpoints import CheckpointError, allow_resume_without_path, checkpoint_to_resume
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.remove_unused_columns:
         parser.error("--remove_unused_columns must stay False: Trainer would drop the image and caption columns")
     check_processes_train_together(training_args)
+    seed_run(training_args)  # before the model is built: its new weights are the run's first draws
     if not training_args.do_train and not (model_args.model_name_or_path or model_args.pretraining_checkpoint):
         parser.error(
             "evaluation only (--do_train false) needs a model: --model_name_or_path or --pretraining_checkpoint"

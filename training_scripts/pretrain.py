@@ -27,8 +27,9 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments, enable_full_determinism, set_seed
+from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
 
+from transformers_blip.benchmark import benchmark_texts
 from transformers_blip.convert.pretrained_encoders import (
     PretrainedSourceError,
     blip_tokenizer_for,
@@ -51,6 +52,7 @@ from transformers_blip.training import (
     optimizer_steps_per_epoch,
     parse_with_recipe,
     pretraining_config,
+    seed_run,
     with_caption_lengths,
 )
 from transformers_blip.training.checkpoints import CheckpointError, allow_resume_without_path, checkpoint_to_resume
@@ -164,12 +166,7 @@ def main() -> None:
     if training_args.remove_unused_columns:
         parser.error("--remove_unused_columns must stay False: Trainer would drop the image and caption columns")
     check_processes_train_together(training_args)
-    # Seeded before the model is built, whose initial weights and queues are the run's first random draws (Trainer
-    # seeds only when it is created); `--full_determinism` also turns on PyTorch's deterministic algorithms.
-    if training_args.full_determinism:
-        enable_full_determinism(training_args.seed)
-    else:
-        set_seed(training_args.seed)
+    seed_run(training_args)
 
     synthetic_kwargs = {  # --synthetic_seed -> seed, --synthetic_num_human -> num_human, ...
         name.removeprefix("synthetic_"): value
@@ -212,11 +209,14 @@ def main() -> None:
             tokenizer = blip_tokenizer_for(model_args.text_model_name_or_path)
         else:
             # Learnt once for every rank (or read back from the checkpoint a resumed run continues). A pass over the
-            # captions for the vocabulary is not an epoch.
+            # captions for the vocabulary is not an epoch. On the synthetic benchmark it covers the words of every
+            # task, so that fine-tuning a VQA or NLVR2 head from this run does not meet its questions in pieces.
+            def corpus() -> list[str]:
+                captions = list(train_dataset["caption"])
+                return captions + benchmark_texts(data_args.synthetic_seed) if source == "synthetic" else captions
+
             with skip_report.not_counting():
-                tokenizer = run_vocabulary(
-                    lambda: train_dataset["caption"], model_args.vocab_size, training_args, resume_checkpoint
-                )
+                tokenizer = run_vocabulary(corpus, model_args.vocab_size, training_args, resume_checkpoint)
         config = pretraining_config(
             model_args.model_size,
             model_args.image_size,

@@ -33,6 +33,7 @@ from .trainer import (
     BlipPreTrainingTrainer,
     check_processes_train_together,
     optimizer_steps_per_epoch,
+    seed_run,
 )
 
 _MOVED_TO_EVALUATION = ("itc_features", "itc_retrieval_recall", "recall_at_k")
@@ -65,6 +66,7 @@ __all__ = [
     "OptimizationArguments",
     "VerifiedCheckpointsMixin",
     "check_processes_train_together",
+    "seed_run",
     "latest_complete_checkpoint",
     "load_pretraining_pairs",
     "apply_optimization_arguments",

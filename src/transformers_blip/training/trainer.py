@@ -7,7 +7,7 @@ import os
 
 import torch
 from datasets import Dataset, IterableDataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, enable_full_determinism, set_seed
 
 from .callbacks import MomentumUpdateCallback, unwrap_model
 from .checkpoints import VerifiedCheckpointsMixin
@@ -28,6 +28,16 @@ def check_processes_train_together(args: TrainingArguments) -> None:
             f"launched as {launched} processes, but Trainer would train {args.world_size} model(s) independently; "
             "on a machine without GPUs pass --use_cpu so that the processes train together (DDP over gloo)"
         )
+
+
+def seed_run(args: TrainingArguments) -> None:
+    """Seeds a run before it builds its model, whose initial weights (and queues) are its first random draws: Trainer
+    seeds only when it is created, after the model. `--full_determinism` also turns on PyTorch's deterministic
+    algorithms, so that the same command gives bit-identical weights on a CPU."""
+    if args.full_determinism:
+        enable_full_determinism(args.seed)
+    else:
+        set_seed(args.seed)
 
 
 def optimizer_steps_per_epoch(dataset: Dataset | IterableDataset, args: TrainingArguments) -> int:
@@ -123,4 +133,5 @@ __all__ = [
     "LossPartsLoggingMixin",
     "check_processes_train_together",
     "optimizer_steps_per_epoch",
+    "seed_run",
 ]
