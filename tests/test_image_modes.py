@@ -68,6 +68,15 @@ def tiff_bytes(image: PIL.Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def pillow_reads_its_ycbcr_tiff() -> bool:
+    """Whether this Pillow reads back the YCbCr TIFF it writes."""
+    image = PIL.Image.new("YCbCr", (4, 2), (90, 100, 200))
+    try:
+        return PIL.Image.open(io.BytesIO(tiff_bytes(image))).convert("YCbCr").tobytes() == image.tobytes()
+    except OSError:
+        return False
+
+
 def pixel_values(processor, images) -> np.ndarray:
     return processor(images=images, return_tensors="np")["pixel_values"]
 
@@ -95,6 +104,13 @@ def test_training_and_inference_give_the_same_pixels_from_memory_and_from_files(
     path = tmp_path / f"image_{mode.replace(';', '_')}.tiff"
     path.write_bytes(tiff_bytes(image))
 
+    if mode == "YCbCr" and not pillow_reads_its_ycbcr_tiff():
+        # Pillow 12 reads a YCbCr TIFF's three samples as four (fixed in 13; Gradio 6 keeps the [app] extra on 12):
+        # the file must then be refused by name, never decoded into wrong pixels.
+        for source in (path, path.read_bytes()):
+            with pytest.raises(BadSampleError, match="truncated_image"):
+                load_image(source, min_side=1)
+        return
     training = [load_image(image, min_side=1), load_image(path, min_side=1), load_image(path.read_bytes(), min_side=1)]
     for decoded in training[1:]:
         np.testing.assert_array_equal(np.asarray(decoded), np.asarray(training[0]))
