@@ -37,14 +37,12 @@ from transformers_blip.training import (
     BlipFineTuningTrainer,
     DecodingCollator,
     OptimizationArguments,
-    apply_optimization_arguments,
     check_processes_train_together,
-    optimizer_steps_per_epoch,
     parse_with_recipe,
     seed_run,
 )
-from transformers_blip.training.checkpoints import CheckpointError, allow_resume_without_path, checkpoint_to_resume
-from transformers_blip.training.finetuning import ResumableAugmentation
+from transformers_blip.training.checkpoints import allow_resume_without_path, checkpoint_to_resume
+from transformers_blip.training.finetuning import ResumableAugmentation, train_or_evaluate
 from transformers_blip.training.vqa import (
     INFERENCE_MODES,
     RANK_SCORINGS,
@@ -175,21 +173,7 @@ def main(args: list[str] | None = None) -> dict:
         data_collator=DecodingCollator(decode, VqaCollator(tokenizer)), processing_class=processor,
         task_evaluation=vqa_evaluation(predictor),
     )  # fmt: skip
-    if training_args.do_train:
-        steps_per_epoch = optimizer_steps_per_epoch(splits["train"], training_args)
-        apply_optimization_arguments(trainer, optimization_args, steps_per_epoch)
-        try:
-            trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        except CheckpointError as error:
-            raise SystemExit(f"error: {error}") from error
-        trainer.save_model()
-        trainer.save_state()
-        metrics = {"best_checkpoint": trainer.state.best_model_checkpoint}
-        metrics["validation_accuracy"] = trainer.state.best_metric
-    else:
-        metrics = {"evaluated": model_args.model_name_or_path}
-        if splits["validation"] is not None:
-            metrics["validation_accuracy"] = trainer.evaluate()["eval_accuracy"]
+    metrics = train_or_evaluate(trainer, splits, optimization_args, model_args.model_name_or_path)
 
     test = splits["test"]
     # Every rank answers its share, with the best checkpoint's weights (reloaded by Trainer) or the given ones.

@@ -37,9 +37,9 @@ from transformers.trainer_utils import speed_metrics
 from ..configuration_blip import BlipConfig, BlipTextConfig
 from ..losses import rank_and_world_size
 from .callbacks import unwrap_model
-from .checkpoints import VerifiedCheckpointsMixin
-from .schedules import BlipOptimizationMixin
-from .trainer import LossPartsLoggingMixin
+from .checkpoints import CheckpointError, VerifiedCheckpointsMixin
+from .schedules import BlipOptimizationMixin, OptimizationArguments, apply_optimization_arguments
+from .trainer import LossPartsLoggingMixin, optimizer_steps_per_epoch
 
 TaskEvaluation = Callable[[Any, Any], dict[str, float]]
 Prediction = TypeVar("Prediction")
@@ -173,6 +173,34 @@ def training_regularisation(
     )
 
 
+def train_or_evaluate(
+    trainer: BlipFineTuningTrainer,
+    splits: dict[str, Dataset | None],
+    optimization_args: OptimizationArguments,
+    model_name_or_path: str | None,
+) -> dict[str, Any]:
+    """A classification-style task's run (VQA, NLVR2): trains with BLIP's optimisation and keeps the best
+    checkpoint by validation accuracy, or with `--do_train false` evaluates the given weights on the validation
+    split. Returns the summary's first entries; a damaged checkpoint to resume from stops with its name."""
+    if trainer.args.do_train:
+        steps_per_epoch = optimizer_steps_per_epoch(splits["train"], trainer.args)
+        apply_optimization_arguments(trainer, optimization_args, steps_per_epoch)
+        try:
+            trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+        except CheckpointError as error:
+            raise SystemExit(f"error: {error}") from error
+        trainer.save_model()
+        trainer.save_state()
+        return {
+            "best_checkpoint": trainer.state.best_model_checkpoint,
+            "validation_accuracy": trainer.state.best_metric,
+        }
+    metrics: dict[str, Any] = {"evaluated": model_name_or_path}
+    if splits["validation"] is not None:
+        metrics["validation_accuracy"] = trainer.evaluate()["eval_accuracy"]
+    return metrics
+
+
 __all__ = [
     "BLIP_LABEL_SMOOTHING",
     "BLIP_TEXT_DROPOUT",
@@ -181,5 +209,6 @@ __all__ = [
     "TaskEvaluation",
     "checkpoint_layout",
     "predict_in_shares",
+    "train_or_evaluate",
     "training_regularisation",
 ]
